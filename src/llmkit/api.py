@@ -1,0 +1,124 @@
+"""The public Python API: ``load()`` a model, then generate, stream, chat and read logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from llmkit.engine import Engine, Request
+from llmkit.errors import ContextLengthError, ModelNotFoundError
+from llmkit.sampling import SamplingParams
+
+Messages = Sequence[dict[str, Any]]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(model: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         pull: bool = True, progress: bool = True) -> "LLM":
+    """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
+
+    A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
+    On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise.
+    """
+    from llmkit import store
+    from llmkit.formats import read_checkpoint
+
+    name = str(model)
+    try:
+        path = store.resolve(name)
+    except ModelNotFoundError:
+        if not (pull and store.is_catalogue_name(name)):
+            raise
+        path = store.pull(name, progress=progress)
+    device = torch.device(device) if device is not None else _default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ckpt = read_checkpoint(path, dtype=dtype, device=device)
+    return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format)
+
+
+class LLM:
+    """A loaded model with its tokenizer. Sampling settings are keyword arguments
+    (see ``llmkit.sampling.SamplingParams``): max_tokens, temperature, top_k, top_p, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty, seed, stop, ignore_eos, ..."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "", path: Path | None = None,
+                 format: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.name = name
+        self.path = path
+        self.format = format
+        self.context_length = self.config.max_position_embeddings
+        self.engine = Engine(model, tokenizer, self.context_length)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"LLM({self.name!r}, {c.architecture}, {c.num_layers} layers, context {self.context_length})"
+
+    # ------------------------------------------------------------------ text in, text out
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        # add_special_tokens=True: a BOS where the model's tokenizer asks for one, as llama.cpp does
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
+        """Complete one prompt (-> str) or several together (-> list[str])."""
+        params = SamplingParams(**sampling)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = self._run([self._prompt_ids(p) for p in prompts], params)
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece, as it is generated."""
+        return self._stream_ids(self._prompt_ids(prompt), SamplingParams(**sampling))
+
+    def chat(self, messages: Messages, **sampling: Any) -> str:
+        """The assistant's answer to a conversation, rendered with the model's chat template."""
+        return "".join(self.chat_stream(messages, **sampling))
+
+    def chat_stream(self, messages: Messages, **sampling: Any) -> Iterator[str]:
+        """Like ``chat``, piece by piece."""
+        prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling))
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        requests = [Request(ids, params) for ids in prompts]
+        if params.seed is not None and len(requests) > 1:
+            # distinct but reproducible streams for the prompts of one call
+            requests = [Request(ids, params.replace(seed=params.seed + i)) for i, ids in enumerate(prompts)]
+        pieces: list[list[str]] = [[] for _ in prompts]
+        for event in self.engine.run(requests):
+            pieces[event.index].append(event.text)
+        return ["".join(p) for p in pieces]
+
+    def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        # validate now, not at the first next(): errors belong to the call that caused them
+        params.validate()
+        self.engine.check(Request(ids, params))
+
+        def pieces() -> Iterator[str]:
+            for event in self.engine.run([Request(ids, params)]):
+                if event.text:
+                    yield event.text
+
+        return pieces()
+
+    # ------------------------------------------------------------------ numbers
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position of ``ids``: float32 tensor [len(ids), vocab]."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        if ids.numel() > self.context_length:
+            raise ContextLengthError(
+                f"{ids.numel()} tokens given, more than the model's context window of {self.context_length}"
+            )
+        device = next(self.model.parameters()).device
+        return self.model(ids[None].to(device))[0].float().cpu()

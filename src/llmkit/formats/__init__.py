@@ -1,0 +1,93 @@
+"""Checkpoint formats, apart from the model: each turns files into a config, weights and a tokenizer.
+
+``archs`` holds the per-architecture knowledge (config keys and tensor names); ``hf`` reads
+safetensors folders, ``gguf`` reads GGUF files. The model itself never reads a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.errors import ModelFormatError, ModelNotFoundError
+
+
+@dataclass
+class Checkpoint:
+    """What a format reader returns: a built model with its weights, and its tokenizer."""
+
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: object  # llmkit.tokenizer.Tokenizer
+    path: Path
+    format: str  # "gguf" | "hf"
+
+
+def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a GGUF file or an HF-format folder (config.json, *.safetensors, tokenizer.json)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from llmkit.formats.gguf import read_gguf
+
+        return read_gguf(path, dtype, device)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").exists():
+            from llmkit.formats.hf import read_hf
+
+            return read_hf(path, dtype, device)
+        if len(ggufs) == 1:
+            from llmkit.formats.gguf import read_gguf
+
+            return read_gguf(ggufs[0], dtype, device)
+        raise ModelFormatError(
+            f"{path} is not a model folder: expected config.json with *.safetensors and tokenizer.json "
+            "(Hugging Face format) or a single .gguf file"
+        )
+    if path.exists():
+        raise ModelFormatError(
+            f"{path} is not a model llmkit reads: give a .gguf file or a Hugging Face folder "
+            "(config.json, *.safetensors, tokenizer.json)"
+        )
+    raise ModelNotFoundError(f"{path} does not exist")
+
+
+def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                dtype: torch.dtype, device: str | torch.device, source: Path) -> torch.nn.Module:
+    """Create the model without initialising weights, then assign the checkpoint's tensors."""
+    from llmkit.formats.archs import get_architecture
+    from llmkit.model import Transformer
+
+    arch = get_architecture(config.architecture)
+    with torch.device("meta"):
+        model = arch.build_model(config) if arch.build_model else Transformer(config)
+    try:
+        state = {name: t.to(device=device, dtype=dtype) for name, t in tensors}
+    except KeyError as exc:
+        raise ModelFormatError(
+            f"{source}: unexpected tensor {exc.args[0]!r} for architecture {config.architecture!r}"
+        ) from None
+    expected = set(model.state_dict())
+    if config.tie_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ModelFormatError(
+            f"{source}: the checkpoint lacks {len(missing)} tensor(s) the {config.architecture} model "
+            f"needs, e.g. {', '.join(missing[:3])}; the file may be truncated or of another model"
+        )
+    for name, t in state.items():
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise ModelFormatError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(want)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if hasattr(model, "init_buffers"):
+        model.init_buffers(device)
+    return model.eval()

@@ -1,0 +1,63 @@
+"""Hugging Face format: a folder with config.json, *.safetensors and tokenizer.json.
+
+Weights are memory-mapped with safetensors. Pickle-based files (.bin, .pt) are never unpickled:
+a folder that only has those is refused with a message on how to convert it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from llmkit.errors import ModelFormatError, UnsupportedArchitectureError
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelFormatError(f"{f}: not a readable safetensors file ({exc}); it may be truncated") from None
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{folder / 'config.json'}: cannot read it as JSON ({exc})") from None
+
+
+def read_hf(folder: Path, dtype: torch.dtype, device):
+    from llmkit.formats import Checkpoint, build_model
+    from llmkit.formats.archs import get_architecture
+    from llmkit.tokenizer import Tokenizer
+
+    cfg = read_config(folder)
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise UnsupportedArchitectureError(f"{folder / 'config.json'} has no model_type")
+    arch = get_architecture(model_type)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = (
+            f" It has {', '.join(pickles)}: llmkit never unpickles weights (pickles can run code). "
+            "Convert them to safetensors with a trusted tool first."
+            if pickles else ""
+        )
+        raise ModelFormatError(f"{folder}: no *.safetensors weights found.{hint}")
+    if arch.config_from_hf is None or arch.weights_from_hf is None:
+        raise UnsupportedArchitectureError(f"architecture {model_type!r} cannot be read from HF checkpoints")
+    config = arch.config_from_hf(cfg)
+    config.name = cfg.get("_name_or_path", "") or folder.name
+    model = build_model(config, arch.weights_from_hf(config, _tensors(files)), dtype, device, folder)
+    if not (folder / "tokenizer.json").exists():
+        raise ModelFormatError(f"{folder}: no tokenizer.json; llmkit needs a fast tokenizer file")
+    tokenizer = Tokenizer.from_folder(folder)
+    return Checkpoint(config=config, model=model, tokenizer=tokenizer, path=folder, format="hf")

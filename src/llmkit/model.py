@@ -1,0 +1,232 @@
+"""The transformer: one readable nn.Module for the Llama family and GPT-2, switched by config fields.
+
+Pure PyTorch: no file I/O, no transformers import. Checkpoint name maps live in ``llmkit.formats``.
+Shapes in comments: B batch, T new tokens, L cached length, H heads, Hk kv heads, D head dim, C hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Keys and values for ``slots`` sequences, allocated once and written at positions.
+
+    Layout per layer: (slots, max_len, Hk, D), so that writing T new tokens of B sequences is one
+    indexed assignment. Positions are written from 0 upwards per slot; stale entries past a
+    sequence's current position are never read because the attention mask hides key positions
+    greater than the query's.
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (config.num_layers, slots, max_len, config.num_kv_heads, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+        self.slots = slots
+
+    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, Hk, D) at (slots, positions); return (B, length, Hk, D) views to attend to."""
+        self.k[layer][slots[:, None], positions] = k
+        self.v[layer][slots[:, None], positions] = v
+        if slots.numel() == 1:  # one sequence: a view, no gather copy
+            s = int(slots[0])
+            return self.k[layer, s : s + 1, :length], self.v[layer, s : s + 1, :length]
+        return self.k[layer][slots, :length], self.v[layer][slots, :length]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    raise ValueError(f"unknown norm {config.norm!r}")
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with the checkpoint's rope scaling applied."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, blended, inv_freq)
+    else:
+        raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    """Rotate the first ``rot`` dims of x (B, T, H, D) in the half-split layout HF checkpoints use."""
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rotated, xp), dim=-1) if xp.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, h, hk, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(c, h * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(c, hk * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(c, hk * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h * d, c, bias=config.attention_out_bias)
+        self.h, self.hk, self.d = h, hk, d
+        self.rot = config.rotary_dim if config.position == "rope" else 0
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots, positions, length):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.d)
+        k = self.k_proj(x).view(b, t, self.hk, self.d)
+        v = self.v_proj(x).view(b, t, self.hk, self.d)
+        if self.rot:
+            cos, sin = rope  # (B, T, 1, rot/2)
+            q, k = apply_rope(q, cos, sin, self.rot), apply_rope(k, cos, sin, self.rot)
+        if cache is not None:
+            k, v = cache.update(layer, slots, positions, k.to(cache.k.dtype), v.to(cache.v.dtype), length)
+        # (B, H, T, D) x (B, Hk, L, D): grouped-query attention without copying k/v per head
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            attn_mask=mask, enable_gqa=self.h != self.hk,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(c, f, bias=bias)
+        self.up_proj = nn.Linear(c, f, bias=bias)
+        self.down_proj = nn.Linear(f, c, bias=bias)
+        self.act = _ACTIVATIONS[config.activation]
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache, layer, slots, positions, length):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, slots, positions, length)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position == "learned":
+            self.pos_embed = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_buffers()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_buffers(self, device=None) -> None:
+        """(Re)compute non-persistent buffers, e.g. after building on the meta device."""
+        if self.config.position == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(self.config).to(device), persistent=False)
+
+    def new_cache(self, slots: int = 1, max_len: int | None = None, dtype=torch.float32) -> KVCache:
+        device = self.embed.weight.device
+        return KVCache(self.config, slots, max_len or self.config.max_position_embeddings, dtype, device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with ``last_only``.
+
+        positions (B, T): each token's index in its sequence (default 0..T-1). With a cache, the new
+        keys and values are written at those positions of the given cache slots (default 0..B-1)
+        and each token attends to its slot's positions up to its own.
+        """
+        b, t = tokens.shape
+        device = tokens.device
+        if positions is None:
+            positions = torch.arange(t, device=device).expand(b, t)
+        x = self.embed(tokens)
+        if self.config.position == "learned":
+            x = x + self.pos_embed(positions)
+        if cache is not None:
+            if slots is None:
+                slots = torch.arange(b, device=device)
+            length = int(positions.max()) + 1
+            key_pos = torch.arange(length, device=device)
+        else:
+            length = t
+            key_pos = positions  # (B, T): the keys are the new tokens themselves
+        # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
+        kp = key_pos.view(1, 1, -1) if key_pos.dim() == 1 else key_pos[:, None, :]
+        qp = positions[:, :, None]
+        mask = kp <= qp
+        if self.config.sliding_window:
+            mask = mask & (kp > qp - self.config.sliding_window)
+        mask = mask[:, None]
+        rope = None
+        if self.config.position == "rope":
+            freqs = positions[..., None].float() * self.inv_freq  # (B, T, rot/2)
+            rope = (freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :])
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i, slots, positions, length)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,131 @@
+"""The plugin system: pluggy hook specifications and the registries built from them.
+
+Every extension point is a hook named ``register_<kind>`` that receives a ``register`` callback.
+Built-in pieces register through the same hooks as third-party packages (see ``llmkit._builtins``),
+so a plugin can add to or replace anything llmkit ships. Adding an extension point is one
+function in ``Specs`` below; ``registry(kind)`` then works for it with no other change.
+
+Third-party plugins are packages exposing an entry point in the ``llmkit`` group. They are
+imported on first use of a registry, never at ``import llmkit`` time, so that a command that
+needs no plugin does not pay for loading them all. ``LLMKIT_PLUGINS`` names a comma-separated
+subset of entry points to load; set to an empty string it loads none.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("llmkit")
+hookimpl = pluggy.HookimplMarker("llmkit")
+
+
+class Specs:
+    """Hook specifications. Each receives ``register(name, obj)``."""
+
+    @hookspec
+    def register_architectures(self, register: Callable[[str, Any], None]) -> None:
+        """Register model architectures: ``register(name, Architecture(...))``.
+
+        ``name`` is the architecture's key as checkpoints spell it (HF ``model_type`` or GGUF
+        ``general.architecture``). See ``llmkit.formats.Architecture`` for what one provides.
+        """
+
+    @hookspec
+    def register_sources(self, register: Callable[[str, Any], None]) -> None:
+        """Register model sources for ``llmkit pull``: ``register(scheme, Source(...))``.
+
+        ``scheme`` is the prefix before the colon in a source string (``pypi:``, ``hf:``).
+        See ``llmkit.store.Source`` for the interface.
+        """
+
+
+@dataclass
+class PluginFailure:
+    name: str
+    reason: str
+
+
+@dataclass
+class _State:
+    manager: pluggy.PluginManager | None = None
+    registries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[PluginFailure] = field(default_factory=list)
+
+
+_state = _State()
+
+
+def _selected(names: list[str]) -> set[str] | None:
+    raw = os.environ.get("LLMKIT_PLUGINS")
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def manager() -> pluggy.PluginManager:
+    """The plugin manager, created (and entry points loaded) on first call."""
+    if _state.manager is not None:
+        return _state.manager
+    pm = pluggy.PluginManager("llmkit")
+    pm.add_hookspecs(Specs)
+    from llmkit import _builtins
+
+    pm.register(_builtins, name="llmkit.builtins")
+    eps = list(entry_points(group="llmkit"))
+    wanted = _selected([ep.name for ep in eps])
+    for ep in eps:
+        if wanted is not None and ep.name not in wanted:
+            continue
+        try:
+            pm.register(ep.load(), name=ep.name)
+        except Exception as exc:  # a broken plugin must not break the others
+            _state.failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
+    _state.manager = pm
+    return pm
+
+
+def registry(kind: str) -> dict[str, Any]:
+    """Everything registered through the ``register_<kind>`` hook, by name.
+
+    Plugins registered later override earlier ones with the same name: the built-ins come
+    first, so a third-party plugin can replace any of them.
+    """
+    if kind in _state.registries:
+        return _state.registries[kind]
+    hook = getattr(manager().hook, f"register_{kind}", None)
+    if hook is None:
+        raise KeyError(f"no plugin hook register_{kind}")
+    calls: list[list[tuple[str, Any]]] = []
+
+    for impl in hook.get_hookimpls():  # in registration order
+        items: list[tuple[str, Any]] = []
+        try:
+            impl.function(register=lambda name, obj, _items=items: _items.append((name, obj)))
+        except Exception as exc:
+            _state.failures.append(PluginFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}"))
+            continue
+        calls.append(items)
+    result: dict[str, Any] = {}
+    for items in calls:
+        for name, obj in items:
+            result[name] = obj
+    _state.registries[kind] = result
+    return result
+
+
+def failures() -> list[PluginFailure]:
+    """Plugins that failed to load or to register, with the reason."""
+    manager()
+    return list(_state.failures)
+
+
+def reset() -> None:
+    """Forget the manager and registries (for tests that install or select plugins)."""
+    _state.manager = None
+    _state.registries.clear()
+    _state.failures.clear()
