@@ -88,6 +88,11 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling))
 
+    def generate_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> list[int]:
+        """Generate from token ids; return the new token ids (end-of-sequence included if hit)."""
+        request = Request(list(prompt_ids), SamplingParams(**sampling))
+        return [e.token for e in self.engine.run([request]) if e.token is not None]
+
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
         requests = [Request(ids, params) for ids in prompts]
         if params.seed is not None and len(requests) > 1:

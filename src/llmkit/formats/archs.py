@@ -126,7 +126,7 @@ _LLAMA_HF = [
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
 ]
-_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
 
 
 def _rename(rules: list[tuple[str, str]], name: str) -> str | None:

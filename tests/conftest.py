@@ -1,0 +1,115 @@
+"""Shared fixtures: the real default model (pulled once into the store, cached between runs),
+transformers' reference for it, and tiny random checkpoints that the tests build themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Language models predict the next token from the ones before it.",
+    "def add(a, b):\n    return a + b\n",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "Numbers like 12345 and 3.14159 appear in text too.",
+    "Caf\u00e9, na\u00efve, r\u00e9sum\u00e9 \u2014 accents matter. \u4f60\u597d\u4e16\u754c \U0001f600",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF, pulled into the store once (the store outlives test runs)."""
+    from llmkit import store
+
+    return store.pull("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    import llmkit
+
+    return llmkit.load(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' own reading of the same GGUF: the reference for parity tests."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer trained here, saved the way transformers saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def _tiny_hf_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=400, bos_token_id=1, eos_token_id=2)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like, rope_theta=10000.0)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=8)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """tiny_model_dir(arch) -> a folder with a random transformers model saved as safetensors."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(_tiny_hf_config(arch))
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(out, safe_serialization=True)
+            for f in tiny_tokenizer_dir.iterdir():
+                shutil.copy(f, out / f.name)
+            made[arch] = out
+        return made[arch]
+
+    return make
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

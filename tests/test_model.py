@@ -1,0 +1,88 @@
+"""The model against the reference implementation: logits, greedy generation, KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.formats.archs import unpermute_rope
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Once upon a time, in a land far away, there lived a",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+def test_tiny_models_match_transformers(arch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir(arch)
+    llm = llmkit.load(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert llm.config.architecture == arch
+    gen = torch.Generator().manual_seed(1)
+    for length in (1, 5, 20, 40):  # 20 and 40 pass Mistral's sliding window of 8
+        ids = torch.randint(0, 400, (length,), generator=gen)
+        with torch.no_grad():
+            expected = ref(ids[None]).logits[0]
+        got = llm.logits(ids.tolist())
+        assert got.dtype == torch.float32 and got.shape == (length, 400)
+        assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
+    for prompt in PROMPTS:
+        ids = smollm2.tokenizer.encode(prompt)
+        with torch.no_grad():
+            expected = hf_smollm2(torch.tensor([ids])).logits[0]
+        got = smollm2.logits(ids)
+        assert got.shape == (len(ids), 49152)
+        assert (got - expected).abs().max().item() < 1e-3
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2, hf_smollm2):
+    for prompt in PROMPTS:
+        ids = smollm2.tokenizer.encode(prompt)
+        with torch.no_grad():
+            out = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=2)
+        expected = out[0, len(ids):].tolist()  # ends with the end-of-sequence token if one came
+        got = smollm2.generate_ids(ids, max_tokens=32, temperature=0)
+        assert got == expected
+
+
+def test_kv_cache_decode_equals_recompute(tiny_model_dir):
+    llm = llmkit.load(tiny_model_dir("llama"))
+    prompt = [5, 17, 42, 99, 3]
+    got = llm.generate_ids(prompt, max_tokens=24, temperature=0, ignore_eos=True)
+    ids = list(prompt)
+    for _ in range(24):  # no cache: the whole sequence every step
+        ids.append(int(llm.logits(ids)[-1].argmax()))
+    assert got == ids[len(prompt):]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model_dir):
+    """Requests of different lengths decode together, each at its own position."""
+    llm = llmkit.load(tiny_model_dir("qwen2"))
+    prompts = ["The quick brown fox", "def add(a, b):", "Paris"]
+    together = llm.generate(prompts, max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [llm.generate(p, max_tokens=12, temperature=0, ignore_eos=True) for p in prompts]
+    assert together == alone
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    n_head, dim = 4, 16
+    w = torch.arange(dim * 3, dtype=torch.float32).reshape(dim, 3)
+    # llama.cpp's converter: rows of each head go from half-split to interleaved order
+    permuted = w.reshape(n_head, 2, dim // n_head // 2, 3).swapaxes(1, 2).reshape(dim, 3)
+    assert torch.equal(unpermute_rope(permuted, n_head), w)
+
+
+def test_config_round_trips_through_json(tmp_path, smollm2):
+    from llmkit.config import ModelConfig
+
+    smollm2.config.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == smollm2.config
