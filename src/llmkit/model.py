@@ -168,14 +168,33 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Embeddings start uninitialised (``_weight``): loaders overwrite them, and normal_ on the
+        # meta device costs ~1 s of one-time imports. Training from scratch calls init_weights().
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
+                                  _weight=torch.empty(config.vocab_size, config.hidden_size))
         if config.position == "learned":
-            self.pos_embed = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.pos_embed = nn.Embedding(
+                config.max_position_embeddings, config.hidden_size,
+                _weight=torch.empty(config.max_position_embeddings, config.hidden_size))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.init_buffers()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initial weights for training from scratch (GPT-2 style: normal(0, std), zero biases,
+        unit norms)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

@@ -1,0 +1,189 @@
+"""A fast GGUF file reader: header and metadata parsed in one pass, tensors memory-mapped.
+
+Why not ``gguf.GGUFReader``: it builds a numpy view for every part of every field, which takes
+about 5 s for a 49k-token vocabulary (measured on this project's reference machine); this
+reader parses the same header with ``struct`` in well under a second. The common quantizations
+(Q4_0, Q4_1, Q8_0) are dequantized with vectorised torch ops here; every other type goes to
+``gguf.quants.dequantize``. Tests check both against ``GGUFReader``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmkit.errors import ModelFormatError
+
+# GGUF value types (gguf.constants.GGUFValueType)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy/torch order (outermost first): the reverse of GGUF's ne[]
+    type: int  # gguf.GGMLQuantizationType value
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"{self.path}: cannot open it ({exc})") from None
+        self._buf = memoryview(self._data)
+        self._pos = 0
+        try:
+            self._parse()
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+            raise ModelFormatError(
+                f"{self.path}: the GGUF header is truncated or corrupt ({exc}); download or export the file again"
+            ) from None
+
+    # ------------------------------------------------------------------ header
+
+    def _read(self, fmt: str):
+        value = struct.unpack_from(fmt, self._buf, self._pos)[0]
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._read("<Q")
+        end = self._pos + n
+        if end > len(self._buf):
+            raise ValueError("a string runs past the end of the file")
+        s = bytes(self._buf[self._pos : end]).decode("utf-8", errors="replace")
+        self._pos = end
+        return s
+
+    def _value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            etype, count = self._read("<I"), self._read("<Q")
+            if etype == _STRING:
+                return [self._string() for _ in range(count)]
+            if etype in _NUMPY:
+                dtype = np.dtype(_NUMPY[etype])
+                end = self._pos + count * dtype.itemsize
+                if end > len(self._buf):
+                    raise ValueError("an array runs past the end of the file")
+                arr = np.frombuffer(self._buf[self._pos : end], dtype=dtype)
+                self._pos = end
+                return arr.tolist()
+            return [self._value(etype) for _ in range(count)]
+        if vtype in _SCALARS:
+            return self._read(_SCALARS[vtype])
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    def _parse(self) -> None:
+        if bytes(self._buf[:4]) != b"GGUF":
+            raise ModelFormatError(f"{self.path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        self._pos = 4
+        self.version = self._read("<I")
+        if self.version not in (2, 3):
+            raise ModelFormatError(
+                f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are); "
+                "convert it again with a current llama.cpp or gguf package"
+            )
+        n_tensors, n_kv = self._read("<Q"), self._read("<Q")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._read("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            ne = [self._read("<Q") for _ in range(self._read("<I"))]
+            infos.append((name, ne, self._read("<I"), self._read("<Q")))
+        align = int(self.metadata.get("general.alignment", 32))
+        start = (self._pos + align - 1) // align * align
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.tensors: list[TensorInfo] = []
+        for name, ne, ttype, offset in infos:
+            try:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise ModelFormatError(f"{self.path}: tensor {name} has unknown type {ttype}") from None
+            n = int(np.prod(ne)) if ne else 1
+            info = TensorInfo(name, tuple(reversed(ne)), ttype, start + offset, n // block * size)
+            if info.offset + info.nbytes > len(self._data):
+                raise ModelFormatError(
+                    f"{self.path}: the file is truncated: tensor {name} needs bytes up to "
+                    f"{info.offset + info.nbytes:,} but the file has {len(self._data):,}. Download it again."
+                )
+            self.tensors.append(info)
+
+    # ------------------------------------------------------------------ tensors
+
+    def raw(self, info: TensorInfo) -> np.ndarray:
+        return self._data[info.offset : info.offset + info.nbytes]
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor dequantized to a float32 torch tensor of ``info.shape`` (a fresh copy)."""
+        raw = self.raw(info)
+        kind = _DEQUANT.get(info.type)
+        if kind is not None:
+            return kind(torch.from_numpy(np.array(raw)), info.shape)
+        from gguf.quants import dequantize
+        from gguf.constants import GGMLQuantizationType
+
+        rows = raw.reshape(int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1, -1)
+        try:
+            arr = dequantize(rows, GGMLQuantizationType(info.type))
+        except NotImplementedError:
+            raise ModelFormatError(
+                f"{self.path}: tensor {info.name} uses {GGMLQuantizationType(info.type).name}, "
+                "which cannot be dequantized here"
+            ) from None
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(info.shape)
+
+
+def _f32(b: torch.Tensor, shape) -> torch.Tensor:
+    return b.view(torch.float32).reshape(shape).clone()
+
+
+def _f16(b: torch.Tensor, shape) -> torch.Tensor:
+    return b.view(torch.float16).float().reshape(shape)
+
+
+def _bf16(b: torch.Tensor, shape) -> torch.Tensor:
+    return b.view(torch.bfloat16).float().reshape(shape)
+
+
+def _scale(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()  # (nb, 1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    # 32 values per block: low nibbles are elements 0..15, high nibbles 16..31
+    return torch.cat((qs & 0x0F, qs >> 4), dim=1).float()
+
+
+def _q8_0(b: torch.Tensor, shape) -> torch.Tensor:
+    blocks = b.view(-1, 34)
+    return (_scale(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(shape)
+
+
+def _q4_0(b: torch.Tensor, shape) -> torch.Tensor:
+    blocks = b.view(-1, 18)
+    return (_scale(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8)).reshape(shape)
+
+
+def _q4_1(b: torch.Tensor, shape) -> torch.Tensor:
+    blocks = b.view(-1, 20)
+    return (_scale(blocks, 0) * _nibbles(blocks[:, 4:]) + _scale(blocks, 2)).reshape(shape)
+
+
+_DEQUANT = {0: _f32, 1: _f16, 30: _bf16, 8: _q8_0, 2: _q4_0, 3: _q4_1}
