@@ -166,16 +166,22 @@ def test_show_reads_the_gguf_architecture(smollm2_gguf):
 
 
 def test_pull_file_picks_one_gguf(tmp_path, home):
+    from gguf import GGUFWriter
+
     folder = tmp_path / "two-ggufs"
     folder.mkdir()
     for name in ("a.gguf", "b.gguf"):
-        (folder / name).write_bytes(b"GGUF" + name.encode() * 50)
+        w = GGUFWriter(str(folder / name), "llama")
+        w.add_name(name)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
 
     refused = run_llmkit("pull", folder, "--quiet", home=home)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr + refused.stdout
+    assert "--file" in refused.stderr
 
     ok(run_llmkit("pull", folder, "--file", "b.gguf", "--name", "picked", "--quiet", home=home))
     shown = ok(run_llmkit("show", "picked", home=home))
     assert "b.gguf" in shown and "a.gguf" not in shown
-    # show still works on a file whose header it cannot parse, and says so
-    assert "arch:     unreadable" in shown

@@ -430,6 +430,11 @@ class PathSource(Source):
         if not has_weights and len(ggufs) == 1 and "config.json" not in names:
             _copy_file(src / ggufs[0], dest / ggufs[0], f"copying {ggufs[0]}", progress)
             return
+        if not has_weights and len(ggufs) > 1 and "config.json" not in names:
+            raise ModelFormatError(
+                f"{src} holds several .gguf files ({', '.join(ggufs)}): pick one with --file NAME "
+                "(file=... in Python)."
+            )
         if not has_weights and any(n.endswith(PICKLE_SUFFIXES) for n in names):
             raise ModelFormatError(_PICKLE_MESSAGE.format(what=str(src)))
         missing = [n for n in ("config.json", "tokenizer.json") if n not in names]
@@ -710,11 +715,32 @@ def _fetch(src: Source, scheme: str, spec: str, dest: Path, file: str | None, pr
         ) from exc
 
 
+def _check_loadable(folder: Path, fmt: str, main: str) -> None:
+    """Refuse what could never load: a truncated GGUF, an architecture no plugin provides."""
+    from llmkit.formats.archs import get_architecture
+
+    if fmt == "gguf":
+        from llmkit.formats.gguf_file import GGUFFile
+
+        arch = GGUFFile(folder / main).metadata.get("general.architecture")
+        if arch is None:
+            raise ModelFormatError(f"{main}: GGUF metadata has no general.architecture")
+    else:
+        try:
+            arch = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"config.json is not readable JSON ({exc})") from None
+        if arch is None:
+            raise ModelFormatError("config.json has no model_type")
+    get_architecture(arch)
+
+
 def _build_manifest(
     folder: Path, name: str, source: str, entry: CatalogueEntry | None, progress: bool
 ) -> dict:
     """Hash what was fetched, check it against the catalogue, and describe it."""
     fmt, main = _detect_format(folder)
+    _check_loadable(folder, fmt, main)
     files = _hash_files(folder, progress)
     if entry is not None:
         got = next(f for f in files if f["path"] == main)

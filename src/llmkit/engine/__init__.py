@@ -68,6 +68,11 @@ class Engine:
         n, m = len(request.prompt_ids), request.params.max_tokens
         if n == 0:
             raise ContextLengthError("the prompt is empty: give at least one token of text")
+        if n >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens, more than the model's context window of {self.context_length} "
+                f"tokens leaves room for: shorten it by at least {n - self.context_length + 1} tokens."
+            )
         if n + m > self.context_length:
             raise ContextLengthError(
                 f"the prompt has {n} tokens and max_tokens is {m}: together {n + m}, more than the "
@@ -94,7 +99,7 @@ class Engine:
         eos = self.tokenizer.eos_token_ids
         live: list[_Live] = []
         for i, r in enumerate(requests):
-            seq = _Live(i, r, i, Sampler(r.params, self.vocab_size), self.tokenizer.stream_decoder(),
+            seq = _Live(i, r, i, Sampler(r.params, self.vocab_size), self.tokenizer.stream_decoder(skip_special_tokens=True),
                         StopMatcher(r.params.stop))
             logits = self._prefill(cache, seq)
             event = self._advance(seq, logits, eos)
