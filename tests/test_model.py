@@ -86,3 +86,52 @@ def test_config_round_trips_through_json(tmp_path, smollm2):
 
     smollm2.config.save(tmp_path / "c.json")
     assert ModelConfig.load(tmp_path / "c.json") == smollm2.config
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_save_hf_round_trips_through_transformers(arch, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    llm = llmkit.load(tiny_model_dir(arch))
+    out = llm.save(tmp_path / "saved")
+    ids = list(range(3, 40))
+    again = llmkit.load(out)
+    assert torch.equal(again.logits(ids), llm.logits(ids))
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - expected).abs().max().item() < 1e-4
+
+
+def test_save_hf_of_the_gguf_model(smollm2, tmp_path):
+    out = smollm2.save(tmp_path / "smol-hf")
+    again = llmkit.load(out)
+    ids = smollm2.tokenizer.encode("The capital of France is")
+    assert torch.equal(again.logits(ids), smollm2.logits(ids))
+    assert again.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) \
+        == smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                  {"rope_type": "linear", "factor": 2.0}])
+def test_rope_scaling_matches_transformers(rope, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "scaled"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_theta"] = 500000.0
+    cfg["rope_scaling"] = rope
+    (folder / "config.json").write_text(json.dumps(cfg))
+    llm = llmkit.load(folder)
+    assert llm.config.rope_scaling["rope_type"] == rope["rope_type"]
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = list(range(5, 100))
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    assert (llm.logits(ids) - expected).abs().max().item() < 1e-4

@@ -115,6 +115,12 @@ class LLM:
 
         return pieces()
 
+    def save(self, folder: str | Path) -> Path:
+        """Save as a Hugging Face folder (safetensors) that llmkit and transformers both load."""
+        from llmkit.formats.hf import save_hf
+
+        return save_hf(self.model, self.tokenizer, folder)
+
     # ------------------------------------------------------------------ numbers
 
     @torch.inference_mode()

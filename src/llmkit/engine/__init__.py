@@ -134,6 +134,8 @@ class Engine:
     def _advance(self, seq: _Live, logits: torch.Tensor, eos: set[int]) -> Event:
         """Sample one token for seq and turn it into an event (with its final text)."""
         p = seq.request.params
+        for process in p.logits_processors:
+            logits = process(seq.generated, logits)
         token = seq.sampler.sample(logits, seq.request.prompt_ids)
         seq.generated.append(token)
         ends = (token in eos and not p.ignore_eos) or token in p.stop_token_ids

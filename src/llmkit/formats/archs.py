@@ -29,6 +29,9 @@ class Architecture:
     weights_from_hf: Callable[[ModelConfig, Tensors], Tensors] | None = None
     weights_from_gguf: Callable[[ModelConfig, Tensors], Tensors] | None = None
     build_model: Callable[[ModelConfig], torch.nn.Module] | None = None
+    # the way back, for saving in HF format: ModelConfig -> config.json, llmkit names -> HF names
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]] | None = None
+    weights_to_hf: Callable[[ModelConfig, Tensors], Tensors] | None = None
 
 
 def get_architecture(name: str) -> Architecture:
@@ -294,6 +297,113 @@ def _gpt2_weights_from_gguf(config: ModelConfig, tensors: Tensors) -> Tensors:
         yield new, t
 
 
+# ---------------------------------------------------------------- llmkit -> HF (saving)
+
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+
+
+def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
+    cfg = {
+        "architectures": [_HF_CLASSES.get(c.architecture, "LlamaForCausalLM")],
+        "model_type": c.architecture,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.norm_eps,
+        "hidden_act": _HF_ACT[c.activation],
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "torch_dtype": "float32",
+    }
+    if c.partial_rotary_factor != 1.0:
+        cfg["partial_rotary_factor"] = c.partial_rotary_factor
+    if c.architecture == "qwen2":
+        cfg["use_sliding_window"] = c.sliding_window is not None
+        cfg["sliding_window"] = c.sliding_window
+    else:
+        cfg["attention_bias"] = c.attention_bias
+        cfg["mlp_bias"] = c.mlp_bias
+        if c.architecture == "mistral":
+            cfg["sliding_window"] = c.sliding_window
+    return cfg
+
+
+def _llama_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    back = [
+        (r"embed\.weight", "model.embed_tokens.weight"),
+        (r"norm\.weight", "model.norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (r"layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+        (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+        (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+        (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    ]
+    for name, t in tensors:
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        new = _rename(back, name)
+        if new is None:
+            raise KeyError(name)
+        yield new, t
+
+
+def _gpt2_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_embd": c.hidden_size,
+        "n_layer": c.num_layers,
+        "n_head": c.num_heads,
+        "n_inner": c.intermediate_size,
+        "n_positions": c.max_position_embeddings,
+        "layer_norm_epsilon": c.norm_eps,
+        "activation_function": {"gelu_tanh": "gelu_new"}.get(c.activation, c.activation),
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def _gpt2_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    state = dict(tensors)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name == "lm_head.weight":
+            continue
+        if name == "embed.weight":
+            out["transformer.wte.weight"] = t
+        elif name == "pos_embed.weight":
+            out["transformer.wpe.weight"] = t
+        elif name.startswith("norm."):
+            out["transformer.ln_f." + name.split(".")[1]] = t
+        elif (m := re.fullmatch(r"layers\.(\d+)\.(attn_norm|mlp_norm)\.(weight|bias)", name)):
+            out[f"transformer.h.{m[1]}.{'ln_1' if m[2] == 'attn_norm' else 'ln_2'}.{m[3]}"] = t
+        elif (m := re.fullmatch(r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", name)):
+            i, kind = m[1], m[2]
+            parts = [state[f"layers.{i}.attn.{p}_proj.{kind}"] for p in "qkv"]
+            fused = torch.cat(parts, dim=0)
+            out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
+        elif re.fullmatch(r"layers\.(\d+)\.attn\.[kv]_proj\.(weight|bias)", name):
+            continue  # fused with q above
+        elif (m := re.fullmatch(r"layers\.(\d+)\.(attn\.o_proj|mlp\.up_proj|mlp\.down_proj)\.(weight|bias)", name)):
+            hf = {"attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}[m[2]]
+            out[f"transformer.h.{m[1]}.{hf}.{m[3]}"] = t.t().contiguous() if m[3] == "weight" else t
+        else:
+            raise KeyError(name)
+    yield from out.items()
+
+
 def _llama_family(name: str, permuted: bool) -> Architecture:
     return Architecture(
         name=name,
@@ -301,6 +411,8 @@ def _llama_family(name: str, permuted: bool) -> Architecture:
         config_from_gguf=lambda meta: _llama_family_from_gguf(meta, name),
         weights_from_hf=_llama_weights_from_hf,
         weights_from_gguf=lambda config, tensors: _llama_weights_from_gguf(config, tensors, permuted),
+        config_to_hf=_llama_family_to_hf,
+        weights_to_hf=_llama_weights_to_hf,
     )
 
 
@@ -315,5 +427,7 @@ BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
         config_from_gguf=_gpt2_from_gguf,
         weights_from_hf=_gpt2_weights_from_hf,
         weights_from_gguf=_gpt2_weights_from_gguf,
+        config_to_hf=_gpt2_to_hf,
+        weights_to_hf=_gpt2_weights_to_hf,
     ),
 }

@@ -61,3 +61,47 @@ def read_hf(folder: Path, dtype: torch.dtype, device):
         raise ModelFormatError(f"{folder}: no tokenizer.json; llmkit needs a fast tokenizer file")
     tokenizer = Tokenizer.from_folder(folder)
     return Checkpoint(config=config, model=model, tokenizer=tokenizer, path=folder, format="hf")
+
+
+def save_hf(model: torch.nn.Module, tokenizer, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model`` and ``tokenizer`` as an HF-format folder (config.json, model.safetensors,
+    tokenizer files, generation_config.json) that both llmkit and ``transformers`` load.
+
+    Written into a temporary sibling folder first and renamed into place, so a failure never
+    leaves a half-written model behind.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from llmkit.formats.archs import get_architecture
+
+    config = model.config
+    arch = get_architecture(config.architecture)
+    if arch.config_to_hf is None or arch.weights_to_hf is None:
+        raise UnsupportedArchitectureError(f"architecture {config.architecture!r} cannot be saved in HF format")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        weights = {name: t.to(dtype).contiguous().cpu() for name, t in arch.weights_to_hf(config, iter(state.items()))}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(arch.config_to_hf(config), indent=2) + "\n")
+        eos = sorted(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else config.eos_token_id
+        generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / "x")
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
