@@ -1,6 +1,12 @@
 """llmkit's own pieces, registered through the same hooks a third-party plugin uses."""
 
+from importlib import import_module
+
 from llmkit.plugins import hookimpl
+
+# modules under llmkit.commands whose COMMANDS list joins the CLI
+COMMAND_MODULES = [
+]
 
 
 @hookimpl
@@ -17,3 +23,10 @@ def register_sources(register):
 
     for scheme, source in builtin_sources().items():
         register(scheme, source)
+
+
+@hookimpl
+def register_commands(register):
+    for module in COMMAND_MODULES:
+        for command in import_module(f"llmkit.commands.{module}").COMMANDS:
+            register(command.name, command)

@@ -113,7 +113,26 @@ model_option = click.option("-m", "--model", default="smollm2-135m-instruct", sh
                             help="A store name, a .gguf file, or a Hugging Face folder.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PluginGroup(click.Group):
+    """The core commands, plus those registered through the ``register_commands`` hook.
+
+    The registry (and with it every plugin) is only consulted for a command name that is not a
+    core one, or to list commands in --help: ``llmkit generate`` never imports a plugin.
+    """
+
+    def _extra(self) -> dict[str, click.Command]:
+        from llmkit.plugins import registry
+
+        return registry("commands")
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._extra().get(name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._extra()))
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llmkit")
 def main() -> None:
     """llmkit: run, chat with, and manage open language models on your own machine."""

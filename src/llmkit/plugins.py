@@ -43,6 +43,10 @@ class Specs:
         See ``llmkit.store.Source`` for the interface.
         """
 
+    @hookspec
+    def register_commands(self, register: Callable[[str, Any], None]) -> None:
+        """Register CLI commands: ``register(name, click_command)``; ``llmkit NAME`` runs it."""
+
 
 @dataclass
 class PluginFailure:
