@@ -33,13 +33,17 @@ class KVCache(nn.Module):
         self.slots = slots
 
     def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, Hk, D) at (slots, positions); return (B, length, Hk, D) views to attend to."""
+               v: torch.Tensor, length: int, span: tuple[int, int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, Hk, D) at (slots, positions); return (B, length, Hk, D) to attend to.
+
+        ``span`` (first, last + 1) says the slots are consecutive: the result is then a view of
+        the cache, not a gathered copy (the engine hands out the lowest free slots to keep it so).
+        """
         self.k[layer][slots[:, None], positions] = k
         self.v[layer][slots[:, None], positions] = v
-        if slots.numel() == 1:  # one sequence: a view, no gather copy
-            s = int(slots[0])
-            return self.k[layer, s : s + 1, :length], self.v[layer, s : s + 1, :length]
+        if span is not None:
+            return self.k[layer, span[0] : span[1], :length], self.v[layer, span[0] : span[1], :length]
         return self.k[layer][slots, :length], self.v[layer][slots, :length]
 
 
@@ -116,7 +120,7 @@ class Attention(nn.Module):
         self.h, self.hk, self.d = h, hk, d
         self.rot = config.rotary_dim if config.position == "rope" else 0
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots, positions, length):
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots, positions, length, span):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.h, self.d)
         k = self.k_proj(x).view(b, t, self.hk, self.d)
@@ -125,7 +129,7 @@ class Attention(nn.Module):
             cos, sin = rope  # (B, T, 1, rot/2)
             q, k = apply_rope(q, cos, sin, self.rot), apply_rope(k, cos, sin, self.rot)
         if cache is not None:
-            k, v = cache.update(layer, slots, positions, k.to(cache.k.dtype), v.to(cache.v.dtype), length)
+            k, v = cache.update(layer, slots, positions, k.to(cache.k.dtype), v.to(cache.v.dtype), length, span)
         # (B, H, T, D) x (B, Hk, L, D): grouped-query attention without copying k/v per head
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
@@ -159,8 +163,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, cache, layer, slots, positions, length):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, slots, positions, length)
+    def forward(self, x, rope, mask, cache, layer, slots, positions, length, span):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, slots, positions, length, span)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -225,9 +229,13 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if self.config.position == "learned":
             x = x + self.pos_embed(positions)
+        span = None
         if cache is not None:
             if slots is None:
                 slots = torch.arange(b, device=device)
+            first = int(slots[0])
+            if b == 1 or torch.equal(slots, torch.arange(first, first + b, device=device)):
+                span = (first, first + b)
             length = int(positions.max()) + 1
             key_pos = torch.arange(length, device=device)
         else:
@@ -245,7 +253,7 @@ class Transformer(nn.Module):
             freqs = positions[..., None].float() * self.inv_freq  # (B, T, rot/2)
             rope = (freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :])
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i, slots, positions, length)
+            x = layer(x, rope, mask, cache, i, slots, positions, length, span)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()

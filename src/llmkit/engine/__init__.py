@@ -1,51 +1,126 @@
-"""The generation engine: runs several requests together over one model and one KV cache.
+"""The generation engine: continuous batching of many requests over one model and one KV cache.
 
-Each request gets a cache slot. Prompts are prefilled in chunks into their slot; then all live
-requests decode together, one token each per step, each at its own position. A request leaves
-the batch as soon as it ends (end of sequence, a stop string, max_tokens), so short answers
-never wait for long ones. Text is produced incrementally: a UTF-8 character split across tokens
-and a possible prefix of a stop string are held back until they are final.
+A background thread runs the scheduling loop. Each iteration (``step``):
+1. drops cancelled requests and frees their cache slots;
+2. admits waiting requests into free slots (first come, first served);
+3. prefills at most ``prefill_chunk`` prompt tokens of one admitted request, so a long prompt
+   never stalls the running streams for more than one chunk;
+4. decodes one token for every running request in a single batched forward, each at its own
+   position in its own slot.
+Requests join and leave between steps. Text comes out incrementally: a UTF-8 character split
+across tokens, and a possible beginning of a stop string, are held back until final.
+
+Callers ``submit`` a request and get a ``Handle``: iterate its events (blocking), or pass an
+``on_event`` callback (the server bridges it into asyncio), and ``cancel()`` it at any time.
 """
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from llmkit.errors import ContextLengthError
+from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
-PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the attention mask and activations
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+
+
+class QueueFullError(LLMKitError):
+    """The engine's waiting queue is full; retry later."""
 
 
 @dataclass
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
 
 
 @dataclass
 class Event:
     """One step of one request: a new token and the text that became final with it."""
 
-    index: int  # position of the request in the list given to Engine.run
+    index: int  # the request's id (its position in the list given to Engine.run)
     token: int | None
     text: str
-    finish_reason: str | None = None  # "stop" | "length" once the request has ended
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once it ended
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    error: BaseException | None = None
+
+
+class Handle:
+    """A submitted request: its events as they come, its state, and cancel()."""
+
+    def __init__(self, rid: int, request: Request, engine: "Engine",
+                 on_event: Callable[[Event], None] | None):
+        self.id = rid
+        self.request = request
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._engine = engine
+        self._on_event = on_event
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.cancelled = False
+
+    def _emit(self, event: Event) -> None:
+        if event.token is not None:
+            self.tokens.append(event.token)
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            self._queue.put(event)
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the engine's next step."""
+        self.cancelled = True
+        self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def events(self) -> Iterator[Event]:
+        """Events until the request ends (only when no on_event callback was given)."""
+        while True:
+            event = self._queue.get()
+            if event.error is not None:
+                raise event.error
+            yield event
+            if event.finish_reason is not None:
+                return
 
 
 @dataclass
 class _Live:
-    index: int
-    request: Request
-    slot: int
+    handle: Handle
     sampler: Sampler
     decoder: object
     stops: StopMatcher
-    position: int = 0  # next position to write in the cache
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
+
+    @property
+    def request(self) -> Request:
+        return self.handle.request
+
+    @property
+    def position(self) -> int:  # where the next token goes in the cache
+        return len(self.request.prompt_ids) + len(self.generated) - 1
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -57,12 +132,38 @@ def _bucket(n: int, limit: int) -> int:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer, context_length: int):
+    def __init__(self, model: torch.nn.Module, tokenizer, context_length: int, *, max_batch: int = 16,
+                 max_queue: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.vocab_size = model.config.vocab_size
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
         self._cache = None
+        self._waiting: deque[_Live] = deque()
+        self._running: list[_Live] = []  # admitted: prefilling or decoding
+        self._free_slots: list[int] = list(range(max_batch))
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        # counters for metrics
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
 
     def check(self, request: Request) -> None:
         n, m = len(request.prompt_ids), request.params.max_tokens
@@ -77,76 +178,196 @@ class Engine:
             raise ContextLengthError(
                 f"the prompt has {n} tokens and max_tokens is {m}: together {n + m}, more than the "
                 f"model's context window of {self.context_length} tokens. Shorten the prompt or "
-                f"lower max_tokens to at most {max(self.context_length - n, 0)}."
+                f"lower max_tokens to at most {self.context_length - n}."
             )
 
-    def _cache_for(self, slots: int, length: int):
-        c = self._cache
-        if c is None or c.slots < slots or c.max_len < length:
-            c = self._cache = self.model.new_cache(slots, _bucket(length, self.context_length))
-        return c
+    def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queue a request; raises ContextLengthError, InvalidSamplingError or QueueFullError."""
+        request.params.validate()
+        self.check(request)
+        live = _Live(
+            handle=None,  # set below
+            sampler=Sampler(request.params, self.vocab_size),
+            decoder=self.tokenizer.stream_decoder(skip_special_tokens=True),
+            stops=StopMatcher(request.params.stop),
+        )
+        with self._lock:
+            if self._closing:
+                raise QueueFullError("the engine is shutting down and takes no new requests")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (the limit is {self.max_queue}); "
+                    "retry in a moment"
+                )
+            live.handle = Handle(next(self._ids), request, self, on_event)
+            self._waiting.append(live)
+            self._ensure_thread()
+            self._work.notify()
+        return live.handle
 
-    @torch.inference_mode()
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:
-        """Generate for all requests together; yield events as tokens are produced."""
-        for r in requests:
-            r.params.validate()
-            self.check(r)
-        if not requests:
-            return
-        longest = max(len(r.prompt_ids) + r.params.max_tokens for r in requests)
-        cache = self._cache_for(len(requests), longest)
-        eos = self.tokenizer.eos_token_ids
-        live: list[_Live] = []
-        for i, r in enumerate(requests):
-            seq = _Live(i, r, i, Sampler(r.params, self.vocab_size), self.tokenizer.stream_decoder(skip_special_tokens=True),
-                        StopMatcher(r.params.stop))
-            logits = self._prefill(cache, seq)
-            event = self._advance(seq, logits, eos)
-            yield event
-            if event.finish_reason is None:
-                live.append(seq)
-        while live:
-            tokens = torch.tensor([[s.generated[-1]] for s in live])
-            positions = torch.tensor([[s.position] for s in live])
-            slots = torch.tensor([s.slot for s in live])
-            logits = self.model(tokens, positions=positions, cache=cache, slots=slots)[:, -1]
-            for s in live:
-                s.position += 1
-            still = []
-            for row, s in zip(logits, live):
-                event = self._advance(s, row, eos)
+        """Submit all requests together; yield their events as they come (Event.index = position).
+
+        Closing the iterator early cancels whatever has not finished.
+        """
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        handles = []
+        try:
+            for i, r in enumerate(requests):
+                def deliver(e: Event, i=i) -> None:
+                    e.index = i
+                    events.put(e)
+                handles.append(self.submit(r, deliver))
+            remaining = len(handles)
+            while remaining:
+                event = events.get()
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is not None:
+                    remaining -= 1
                 yield event
-                if event.finish_reason is None:
-                    still.append(s)
-            live = still
+        finally:
+            for h in handles:
+                if not h.done:
+                    h.cancel()
 
-    def _prefill(self, cache, seq: _Live) -> torch.Tensor:
-        ids = seq.request.prompt_ids
-        slots = torch.tensor([seq.slot])
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = torch.tensor([ids[start : start + PREFILL_CHUNK]])
-            positions = torch.arange(start, start + chunk.shape[1])[None]
-            logits = self.model(chunk, positions=positions, cache=cache, slots=slots, last_only=True)
-        seq.position = len(ids)
-        return logits[0, -1]
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Take no new requests; wait up to ``timeout`` s for those in flight, then cancel the rest.
+        Returns True if everything finished in time."""
+        with self._lock:
+            self._closing = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._waiting or self._running:
+            if deadline is not None and time.monotonic() > deadline:
+                for live in list(self._waiting) + list(self._running):
+                    live.handle.cancel()
+                time.sleep(0.05)
+                return False
+            time.sleep(0.01)
+        return True
 
-    def _advance(self, seq: _Live, logits: torch.Tensor, eos: set[int]) -> Event:
-        """Sample one token for seq and turn it into an event (with its final text)."""
-        p = seq.request.params
+    # ------------------------------------------------------------------ the loop
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._work.notify()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._waiting and not self._running:
+                        self._work.wait()
+                try:
+                    self.step()
+                except BaseException as exc:  # fail every admitted request, keep serving others
+                    for live in self._running:
+                        self._finish(live, Event(live.handle.id, None, "", "error", error=exc))
+                    self._running = []
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        prefilling = [s for s in self._running if s.prefilled < len(s.request.prompt_ids)]
+        decoding = [s for s in self._running if s.prefilled == len(s.request.prompt_ids)]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        if decoding:
+            self._decode(decoding)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for live in [w for w in self._waiting if w.handle.cancelled]:
+                self._waiting.remove(live)
+                live.handle._emit(Event(live.handle.id, None, "", "cancelled"))
+        for live in [s for s in self._running if s.handle.cancelled]:
+            self._finish(live, Event(live.handle.id, None, "", "cancelled"))
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and self._free_slots:
+                live = self._waiting.popleft()
+                live.slot = self._free_slots.pop(0)
+                self._running.append(live)
+                self._grow_cache(len(live.request.prompt_ids) + live.request.params.max_tokens)
+        self._running.sort(key=lambda s: s.slot)
+
+    def _grow_cache(self, length: int) -> None:
+        old = self._cache
+        if old is not None and old.max_len >= length:
+            return
+        new = self.model.new_cache(self.max_batch, _bucket(length, self.context_length))
+        if old is not None:  # keep what running requests already have in their slots
+            new.k[:, :, : old.max_len] = old.k
+            new.v[:, :, : old.max_len] = old.v
+        self._cache = new
+
+    def _finish(self, live: _Live, event: Event) -> None:
+        if live in self._running:
+            self._running.remove(live)
+            with self._lock:
+                self._free_slots.append(live.slot)
+                self._free_slots.sort()
+        live.handle._emit(event)
+
+    def _prefill_chunk(self, live: _Live) -> None:
+        ids = live.request.prompt_ids
+        start = live.prefilled
+        chunk = ids[start : start + self.prefill_chunk]
+        tokens = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        slots = torch.tensor([live.slot], device=self.device)
+        logits = self.model(tokens, positions=positions, cache=self._cache, slots=slots, last_only=True)
+        live.prefilled += len(chunk)
+        if live.prefilled == len(ids):
+            self.prompt_tokens_total += len(ids)
+            self._advance(live, logits[0, -1])
+
+    def _decode(self, batch: list[_Live]) -> None:
+        tokens = torch.tensor([[s.generated[-1]] for s in batch], device=self.device)
+        positions = torch.tensor([[s.position] for s in batch], device=self.device)
+        slots = torch.tensor([s.slot for s in batch], device=self.device)
+        logits = self.model(tokens, positions=positions, cache=self._cache, slots=slots)[:, -1]
+        for row, s in zip(logits, batch):
+            self._advance(s, row)
+
+    def _advance(self, live: _Live, logits: torch.Tensor) -> None:
+        """Sample one token for a request and emit it with the text that became final."""
+        p = live.request.params
+        logits = logits.float()
+        raw = logits
         for process in p.logits_processors:
-            logits = process(seq.generated, logits)
-        token = seq.sampler.sample(logits, seq.request.prompt_ids)
-        seq.generated.append(token)
-        ends = (token in eos and not p.ignore_eos) or token in p.stop_token_ids
-        if ends:
-            text, hit = seq.stops.feed(seq.decoder.flush())
-            return Event(seq.index, token, text + ("" if hit else seq.stops.flush()), "stop")
-        text, hit = seq.stops.feed(seq.decoder.add(token))
-        if hit:
-            return Event(seq.index, token, text, "stop")
-        if len(seq.generated) >= p.max_tokens:
-            # cut off mid-character: drop the incomplete bytes rather than emit U+FFFD
-            tail, hit = seq.stops.feed(seq.decoder.flush().rstrip("\ufffd"))
-            return Event(seq.index, token, text + tail + ("" if hit else seq.stops.flush()), "length")
-        return Event(seq.index, token, text)
+            logits = process(live.generated, logits)
+        token = live.sampler.sample(logits, live.request.prompt_ids)
+        live.generated.append(token)
+        self.generation_tokens_total += 1
+        event = Event(live.handle.id, token, "")
+        if live.request.logprobs is not None:
+            logprobs = torch.log_softmax(raw, dim=-1)
+            event.logprob = float(logprobs[token])
+            if live.request.logprobs > 0:
+                top = torch.topk(logprobs, live.request.logprobs)
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        eos = self.tokenizer.eos_token_ids
+        if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+            text, hit = live.stops.feed(live.decoder.flush())
+            event.text, event.finish_reason = text + ("" if hit else live.stops.flush()), "stop"
+        else:
+            text, hit = live.stops.feed(live.decoder.add(token))
+            event.text = text
+            if hit:
+                event.finish_reason = "stop"
+            elif len(live.generated) >= p.max_tokens:
+                # cut off mid-character: drop the incomplete bytes rather than emit U+FFFD
+                tail, hit = live.stops.feed(live.decoder.flush().rstrip("\ufffd"))
+                event.text += tail + ("" if hit else live.stops.flush())
+                event.finish_reason = "length"
+        if event.finish_reason is not None:
+            self._finish(live, event)
+        else:
+            live.handle._emit(event)

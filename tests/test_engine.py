@@ -1,0 +1,158 @@
+"""The continuous-batching engine: requests join and leave, slots are freed, answers stay exact."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.engine import Engine, QueueFullError, Request
+from llmkit.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return llmkit.load(tiny_model_dir("llama"))
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+def alone(llm, ids, params):
+    return llm.generate_ids(ids, **{k: getattr(params, k) for k in
+                                    ("max_tokens", "temperature", "ignore_eos", "seed", "top_k", "stop")})
+
+
+def prompts(tiny):
+    texts = ["The quick brown fox", "def add(a, b):\n    return", "Paris", "Numbers like 12345 and 3.14159 appear"]
+    return [tiny.tokenizer.encode(t) for t in texts]
+
+
+def test_requests_joining_mid_way_get_the_same_answers(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=4)
+    ids = prompts(tiny)
+    first = engine.submit(Request(ids[0], greedy(40)))
+    events = first.events()
+    for _ in range(10):  # the first request is well under way ...
+        next(events)
+    later = [engine.submit(Request(p, greedy(20))) for p in ids[1:]]  # ... when the others join
+    rest = list(events)
+    assert rest[-1].finish_reason == "length"
+    for h, p, n in zip([first, *later], ids, [40, 20, 20, 20]):
+        if h is not first:
+            list(h.events())
+        assert h.tokens == alone(tiny, p, greedy(n))
+
+
+def test_more_requests_than_slots_all_finish_correctly(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=2)
+    ids = prompts(tiny) * 2
+    handles = [engine.submit(Request(p, greedy(8 + i))) for i, p in enumerate(ids)]
+    for h, p, i in zip(handles, ids, range(len(ids))):
+        list(h.events())
+        assert h.tokens == alone(tiny, p, greedy(8 + i))
+    assert engine.num_running == 0 and engine._free_slots == [0, 1]
+
+
+def test_long_prompts_are_prefilled_in_chunks(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, prefill_chunk=7)
+    p = sum(prompts(tiny), [])[:60]
+    h = engine.submit(Request(p, greedy(12)))
+    list(h.events())
+    assert h.tokens == alone(tiny, p, greedy(12))
+
+
+def test_cancel_frees_the_slot(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=2)
+    ids = prompts(tiny)
+    h = engine.submit(Request(ids[0], greedy(100)))
+    events = h.events()
+    next(events), next(events)
+    h.cancel()
+    assert list(events)[-1].finish_reason == "cancelled"
+    assert engine.num_running == 0 and engine._free_slots == [0, 1]
+    assert len(h.tokens) < 100
+    # a waiting request can be cancelled too, and the engine keeps serving
+    blockers = [engine.submit(Request(p, greedy(30))) for p in ids[:2]]
+    waiting = engine.submit(Request(ids[2], greedy(30)))
+    waiting.cancel()
+    assert list(waiting.events())[-1].finish_reason == "cancelled"
+    for b, p in zip(blockers, ids):
+        list(b.events())
+        assert b.tokens == alone(tiny, p, greedy(30))
+
+
+def test_closing_a_stream_early_cancels_it(tiny):
+    stream = tiny.stream("The quick brown fox", max_tokens=100, temperature=0, ignore_eos=True)
+    next(stream)
+    stream.close()
+    deadline = time.time() + 10
+    while tiny.engine.num_running and time.time() < deadline:
+        time.sleep(0.01)
+    assert tiny.engine.num_running == 0
+
+
+def test_per_request_settings_in_one_batch(tiny):
+    """Stop strings, end of sequence, seeds and lengths apply to each request on its own."""
+    ids = prompts(tiny)
+    free = tiny.generate("The quick brown fox", max_tokens=30, temperature=0, ignore_eos=True)
+    stop = free[10:13]
+    settings = [
+        dict(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]),
+        dict(max_tokens=17, temperature=0.9, seed=5, ignore_eos=True),
+        dict(max_tokens=25, temperature=0, stop_token_ids=[ids[2][0]]),
+    ]
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length)
+    texts = ["", "", ""]
+    for e in engine.run([Request(tiny.tokenizer.encode("The quick brown fox"), SamplingParams(**settings[0])),
+                         Request(ids[1], SamplingParams(**settings[1])),
+                         Request(ids[2], SamplingParams(**settings[2]))]):
+        texts[e.index] += e.text
+    assert texts[0] == free[: free.index(stop)]
+    assert texts[1] == tiny.generate(tiny.tokenizer.decode(ids[1]), **settings[1])
+    assert texts[2] == tiny.generate(tiny.tokenizer.decode(ids[2]), **settings[2])
+
+
+def test_logprobs_are_the_models(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length)
+    p = prompts(tiny)[0]
+    h = engine.submit(Request(p, greedy(5), logprobs=3))
+    events = list(h.events())
+    full = tiny.logits(p + h.tokens[:-1]).log_softmax(-1)
+    for i, e in enumerate(events):
+        row = full[len(p) - 1 + i]
+        assert e.logprob == pytest.approx(float(row[e.token]), abs=1e-4)
+        assert [t for t, _ in e.top_logprobs] == row.topk(3).indices.tolist()
+
+
+def test_queue_limit_and_shutdown(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=1, max_queue=1)
+    ids = prompts(tiny)
+    running = engine.submit(Request(ids[0], greedy(60)))
+    deadline = time.time() + 10
+    while engine.num_running == 0 and time.time() < deadline:
+        time.sleep(0.001)
+    waiting = engine.submit(Request(ids[1], greedy(5)))
+    with pytest.raises(QueueFullError, match="retry"):
+        engine.submit(Request(ids[2], greedy(5)))
+    assert engine.shutdown(timeout=60)
+    assert running.finish_reason == "length" and waiting.finish_reason == "length"
+    with pytest.raises(QueueFullError, match="shutting down"):
+        engine.submit(Request(ids[2], greedy(5)))
+
+
+def test_an_error_in_a_request_fails_it_not_the_engine(tiny):
+    def broken(generated, logits):
+        raise RuntimeError("processor exploded")
+
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length)
+    bad = engine.submit(Request(prompts(tiny)[0], greedy(5, logits_processors=[broken])))
+    with pytest.raises(RuntimeError, match="exploded"):
+        list(bad.events())
+    good = engine.submit(Request(prompts(tiny)[1], greedy(5)))
+    list(good.events())
+    assert good.tokens == alone(tiny, prompts(tiny)[1], greedy(5))
+    assert torch.is_inference_mode_enabled() is False
