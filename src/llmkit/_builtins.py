@@ -6,6 +6,11 @@ from llmkit.plugins import hookimpl
 
 # modules under llmkit.commands whose COMMANDS list joins the CLI
 COMMAND_MODULES = [
+    "bench",
+    "train",
+    "export",
+    "explain",
+    "tasks",
 ]
 
 
@@ -27,6 +32,47 @@ def register_sources(register):
 
 @hookimpl
 def register_commands(register):
+    # one broken module must not hide the others' commands: register what imports, then report
+    errors = []
     for module in COMMAND_MODULES:
-        for command in import_module(f"llmkit.commands.{module}").COMMANDS:
+        try:
+            commands = import_module(f"llmkit.commands.{module}").COMMANDS
+        except Exception as exc:
+            errors.append(f"llmkit.commands.{module}: {type(exc).__name__}: {exc}")
+            continue
+        for command in commands:
             register(command.name, command)
+    if errors:
+        raise ImportError("; ".join(errors))
+
+
+@hookimpl
+def register_exporters(register):
+    from llmkit.export import builtin_exporters
+
+    for name, exporter in builtin_exporters().items():
+        register(name, exporter)
+
+
+@hookimpl
+def register_cleaners(register):
+    from llmkit.train import clean
+
+    register("html", clean.html_to_text)
+    register("normalize", clean.normalize)
+
+
+@hookimpl
+def register_tasks(register):
+    from llmkit.tasks import BUILTIN_TASKS
+
+    for name, task in BUILTIN_TASKS.items():
+        register(name, task)
+
+
+@hookimpl
+def register_metrics(register):
+    from llmkit.evaluate import BUILTIN_METRICS
+
+    for name, metric in BUILTIN_METRICS.items():
+        register(name, metric)

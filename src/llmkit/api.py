@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from llmkit.engine import Engine, Request
-from llmkit.errors import ContextLengthError, ModelNotFoundError
+from llmkit.errors import ContextLengthError, LLMKitError, ModelNotFoundError
 from llmkit.sampling import SamplingParams
 
 Messages = Sequence[dict[str, Any]]
@@ -18,13 +18,21 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+EXECUTORS = ("auto", "torch")
+
+
 def load(model: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         quantize: str | None = None, executor: str = "auto", max_batch: int = 16,
          pull: bool = True, progress: bool = True) -> "LLM":
     """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
     On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise.
+    ``quantize`` ("int8" or "int4") applies weight-only quantization after loading (CPU).
+    ``max_batch`` is how many requests the engine decodes together.
     """
+    if executor not in EXECUTORS:
+        raise LLMKitError(f"executor={executor!r} is not available; choose one of {', '.join(EXECUTORS)}")
     from llmkit import store
     from llmkit.formats import read_checkpoint
 
@@ -39,7 +47,12 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ckpt = read_checkpoint(path, dtype=dtype, device=device)
-    return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format)
+    if quantize not in (None, "none"):
+        from llmkit.quantize import quantize_model
+
+        quantize_model(ckpt.model, quantize)
+    return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
+               max_batch=max_batch, quantize=quantize)
 
 
 class LLM:
@@ -48,7 +61,7 @@ class LLM:
     repetition_penalty, presence_penalty, frequency_penalty, seed, stop, ignore_eos, ..."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "", path: Path | None = None,
-                 format: str = ""):
+                 format: str = "", max_batch: int = 16, quantize: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -56,7 +69,8 @@ class LLM:
         self.path = path
         self.format = format
         self.context_length = self.config.max_position_embeddings
-        self.engine = Engine(model, tokenizer, self.context_length)
+        self.quantize = quantize
+        self.engine = Engine(model, tokenizer, self.context_length, max_batch=max_batch)
 
     def __repr__(self) -> str:
         c = self.config

@@ -238,7 +238,8 @@ _SEPARATORS = (", ", ": ")
 def compile_schema(tokenizer, vocab_size: int, schema: Any):
     """The compiled grammar (xgrammar ``CompiledGrammar``) for a schema; ``None`` means any JSON value."""
     comp = _compiler_for(tokenizer, vocab_size)
-    key = "<any json>" if schema is None else json.dumps(schema, sort_keys=True)
+    # not sort_keys: property order is the order the model writes them in
+    key = "<any json>" if schema is None else json.dumps(schema)
     with comp.lock:
         if key not in comp.cache:
             if schema is None:

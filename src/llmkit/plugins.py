@@ -47,6 +47,58 @@ class Specs:
     def register_commands(self, register: Callable[[str, Any], None]) -> None:
         """Register CLI commands: ``register(name, click_command)``; ``llmkit NAME`` runs it."""
 
+    @hookspec
+    def register_tasks(self, register: Callable[[str, Any], None]) -> None:
+        """Register tasks: ``register(name, llmkit.tasks.Task(...))``: a prompt template plus a decoding
+        rule; ``llm.run_task(name, ...)`` and ``llmkit run NAME`` run it, ``llmkit tasks`` lists it."""
+
+    @hookspec
+    def register_metrics(self, register: Callable[[str, Any], None]) -> None:
+        """Register evaluation metrics: ``register(name, llmkit.evaluate.Metric(...))``;
+        ``llmkit eval --task NAME`` computes it."""
+
+    @hookspec
+    def register_exporters(self, register: Callable[[str, Any], None]) -> None:
+        """Register export formats for ``llmkit export --format NAME``: ``register(name, Exporter(...))``.
+
+        See ``llmkit.export.Exporter``: ``run(model, tokenizer, out: Path, quantize: str | None)
+        -> Path`` writes the export and returns where; ``quantize`` lists the accepted values.
+        """
+
+    @hookspec
+    def register_cleaners(self, register: Callable[[str, Any], None]) -> None:
+        """Register data-cleaning steps for training data: ``register(name, step)``.
+
+        ``step(text: str) -> str | None`` returns the cleaned document, or None to drop it. Steps
+        must be pure functions of the text (deterministic, no state between documents), so that
+        preparing the same data twice gives the same result.
+        """
+
+    @hookspec
+    def register_middleware(self, register: Callable[[str, Any], None]) -> None:
+        """Register server middleware: ``register(name, middleware)``; the server calls every one, in
+        registration order, on each generation request (chat, completions).
+
+        ``middleware.on_request(body: dict) -> dict`` receives the request's JSON body (OpenAI
+        shape: ``messages`` or ``prompt``) before the model sees it and returns the body to use
+        (a changed copy, or the same dict). ``middleware.on_response(body: dict) -> dict``
+        receives the response's JSON body (``choices`` with ``message.content`` or ``text``)
+        before it is sent, and for a streamed answer each chunk's body (``choices[].delta``)
+        separately. Either method may be absent. Raising ``llmkit.LLMKitError`` refuses the
+        request with HTTP 400 and the error's message (a moderation filter's way to say no).
+        """
+
+    @hookspec
+    def register_routes(self, register: Callable[[str, Any], None]) -> None:
+        """Register extra HTTP routes on the server: ``register(name, route)``.
+
+        ``route`` has ``method`` ("GET", "POST", ...), ``path`` ("/v1/redact") and
+        ``handler(body: dict) -> dict``: the parsed JSON body in (empty for GET), a JSON-able dict
+        out, sent with status 200. Any object with those attributes works (a dataclass, a
+        ``types.SimpleNamespace``), so a plugin needs no web framework. Built-in paths win over
+        a plugin's route with the same method and path.
+        """
+
 
 @dataclass
 class PluginFailure:
@@ -110,9 +162,8 @@ def registry(kind: str) -> dict[str, Any]:
         items: list[tuple[str, Any]] = []
         try:
             impl.function(register=lambda name, obj, _items=items: _items.append((name, obj)))
-        except Exception as exc:
+        except Exception as exc:  # keep what it registered before failing; report the rest
             _state.failures.append(PluginFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}"))
-            continue
         calls.append(items)
     result: dict[str, Any] = {}
     for items in calls:

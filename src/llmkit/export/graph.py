@@ -109,7 +109,7 @@ def _plain_float_model(model, fmt: str):
     return copy.deepcopy(model).float().cpu()  # export in float32 on the CPU; the caller's model is unchanged
 
 
-def _example(model, batch=1, new=3, past=2):
+def _example(model, batch=2, new=3, past=2):  # sizes > 1: exporters specialise 1
     c = model.config
     ids = torch.randint(0, c.vocab_size, (batch, new))
     kv = torch.zeros(batch, c.num_kv_heads, past, c.head_dim)

@@ -1,0 +1,74 @@
+"""Prometheus metrics, with vLLM's names where they fit, under an ``llmkit:`` prefix.
+
+Each app has its own registry (not prometheus_client's global one), so that several servers can
+live in one process (the tests start a few) without their counters mixing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+PREFIX = "llmkit:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets (vllm/engine/metrics.py), so that dashboards built for it read these the same way
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# engine finish reasons -> vLLM's finished_reason label values
+FINISHED_LABEL = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "abort"}
+
+
+class _EngineCounters:
+    """Token counters read from the engine at scrape time (the engine keeps the totals)."""
+
+    def __init__(self, engine: Callable[[], object | None]):
+        self._engine = engine
+
+    def collect(self):
+        engine = self._engine()
+        for name, attr, doc in (
+            ("prompt_tokens", "prompt_tokens_total", "Prompt tokens processed (prefilled)."),
+            ("generation_tokens", "generation_tokens_total", "Tokens generated."),
+        ):
+            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(engine, attr, 0) if engine else 0)
+
+
+class Metrics:
+    def __init__(self, engine: Callable[[], object | None]):
+        """``engine()`` returns the current engine, or None while the model loads."""
+        self.registry = r = CollectorRegistry()
+        running = Gauge(PREFIX + "num_requests_running", "Requests in the running batch (prefilling or decoding).",
+                        registry=r)
+        running.set_function(lambda: getattr(engine(), "num_running", 0))
+        waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a slot in the batch.", registry=r)
+        waiting.set_function(lambda: getattr(engine(), "num_waiting", 0))
+        r.register(_EngineCounters(engine))
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Time from the request's arrival to its first generated token.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between two consecutive generated tokens of one request.",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+                             "Time from the request's arrival to its last token.", buckets=_E2E_BUCKETS, registry=r)
+        self.success = Counter(PREFIX + "request_success", "Finished generations, by finish reason "
+                               "(stop, length, abort: cancelled by a disconnect, a time limit or shutdown).",
+                               ["finished_reason"], registry=r)
+        for label in ("stop", "length", "abort"):
+            self.success.labels(label)
+        self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before generating, by reason.",
+                                ["reason"], registry=r)
+
+    def finished(self, reason: str | None) -> None:
+        self.success.labels(FINISHED_LABEL.get(reason or "", "abort")).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

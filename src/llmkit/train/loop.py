@@ -1,0 +1,345 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+Exact resume rests on one rule: everything a step consumes is a pure function of (seed, step,
+rank) — which examples it reads, and the random numbers dropout draws (the generator is reseeded
+at every step). A checkpoint therefore only needs the weights, the optimizer state and the step
+number, and a run resumed from step k (after ``kill -9`` even) repeats the uninterrupted run's
+numbers from step k on.
+
+Several processes (``torchrun``): each takes its rows of the global batch; gradients are averaged
+by DistributedDataParallel; the loss of a micro-batch is its summed token loss divided by the
+token count of the whole global batch (times the world size, which DDP's averaging divides out), so
+that any split of the global batch over processes and micro-batches gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmkit.train.errors import CheckpointError, TrainConfigError
+from llmkit.train.metrics import MetricsLog, plot_losses
+
+
+@dataclass
+class TrainSettings:
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-batches
+    micro_batch_size: int = 0  # sequences per forward pass in one process; 0: batch_size / processes
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_minutes: float | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 1337
+    compile: bool | None = None  # None: on CUDA only (compiling costs minutes on a small CPU)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def update(self, **values: Any) -> "TrainSettings":
+        for k, v in values.items():
+            if v is not None:
+                setattr(self, k, v)
+        return self
+
+
+class Task(Protocol):
+    """What the loop needs from pretraining or fine-tuning."""
+
+    def micro_batches(self, step: int, rank: int, world: int, micro: int, accum: int
+                      ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]: ...
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]: ...
+    def trainable_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]: ...
+    def load_trainable(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None: ...
+    def export(self, model: torch.nn.Module, out: Path) -> None: ...
+
+
+# ------------------------------------------------------------------ processes
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if world <= 1:
+        return Dist(device=torch.device(device or ("cuda" if cuda else "cpu")))
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def teardown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_mean(value: float, d: Dist) -> float:
+    if d.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return float(t) / d.world
+
+
+def _broadcast_int(value: int, d: Dist) -> int:
+    if d.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.broadcast(t, 0)
+    return int(t)
+
+
+# ------------------------------------------------------------------ schedule, optimizer
+
+def learning_rate(step: int, s: TrainSettings, max_steps: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, max_steps - s.warmup_steps))
+    low = s.lr * s.min_lr_ratio
+    return low + 0.5 * (s.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainConfigError("nothing to train: no parameter requires a gradient")
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in params:  # tied weights appear once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), **kwargs)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over targets that are not -100."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+# ------------------------------------------------------------------ the loop
+
+def plan_steps(s: TrainSettings, tokens_per_step: int) -> int | None:
+    if s.max_steps is not None:
+        return s.max_steps
+    if s.max_tokens is not None:
+        return max(1, math.ceil(s.max_tokens / tokens_per_step))
+    return None
+
+
+def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path, *, d: Dist,
+          resume: bool = False, progress: bool = True, baseline: float | None = None,
+          describe: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``model`` on ``task`` with settings ``s``, writing checkpoints, metrics and the final
+    export under ``out``. Returns a summary (steps, last losses, tokens/s)."""
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    world = d.world
+    micro = s.micro_batch_size or max(1, s.batch_size // world)
+    if s.batch_size % (micro * world):
+        raise TrainConfigError(
+            f"batch size {s.batch_size} must be a multiple of micro-batch size x processes "
+            f"({micro} x {world}); change --batch-size or --micro-batch-size")
+    accum = s.batch_size // (micro * world)
+    tokens_per_step = s.batch_size * s.seq_len
+    max_steps = plan_steps(s, tokens_per_step)
+    if max_steps is None and s.max_minutes is None:
+        raise TrainConfigError("say when to stop: --max-steps, --max-tokens or --max-minutes")
+
+    model.to(d.device)
+    optimizer = make_optimizer(model, s, d.device)
+    start_step = 0
+    elapsed_before = 0.0
+    tokens_before = 0
+    if resume:
+        found = latest_checkpoint(ckpt_dir)
+        if found is None:
+            if d.main:
+                log(f"no checkpoint in {ckpt_dir}: starting from step 0")
+        else:
+            weights, opt_state, state = load_checkpoint(found)
+            saved = state.get("settings", {})
+            for key in ("batch_size", "seq_len", "seed"):
+                if key in saved and saved[key] != getattr(s, key):
+                    raise CheckpointError(
+                        f"{found} was written with {key}={saved[key]}, this run has {getattr(s, key)}: "
+                        "resume with the same settings, or start a new --out")
+            task.load_trainable(model, weights)
+            optimizer.load_state_dict(opt_state)
+            start_step = int(state["step"])
+            max_steps = state.get("max_steps", max_steps) if max_steps is None else max_steps
+            elapsed_before = float(state.get("elapsed_s", 0.0))
+            tokens_before = int(state.get("tokens", 0))
+            if d.main:
+                log(f"resuming from {found} (step {start_step})")
+
+    compile_it = s.compile if s.compile is not None else d.device.type == "cuda"
+    forward_model = torch.compile(model) if compile_it else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward_model = DDP(forward_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
+                else contextlib.nullcontext())
+
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step) if d.main else None
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_steps, initial=start_step, unit="step", disable=not (progress and d.main),
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    deadline = t_start + s.max_minutes * 60 if s.max_minutes else None
+    step = start_step
+    last = {"loss": None, "val_loss": None}
+    timed: list[float] = []
+    tokens_seen = 0
+
+    def save(step_now: int) -> None:
+        if d.main:
+            state = {"settings": asdict(s), "max_steps": max_steps, "tokens": tokens_before + tokens_seen,
+                     "elapsed_s": elapsed_before + time.perf_counter() - t_start, **(describe or {})}
+            save_checkpoint(ckpt_dir, step_now, task.trainable_state(model), optimizer.state_dict(), state,
+                            keep=s.keep_checkpoints)
+
+    def evaluate(step_now: int) -> None:
+        if not d.main:
+            return
+        model.eval()
+        with torch.no_grad(), autocast:
+            result = task.evaluate(model)
+        model.train()
+        if result:
+            metrics.write({"step": step_now, **result})
+            last.update({k: v for k, v in result.items() if k == "val_loss"})
+            if "val_loss" in result:
+                bar.write(f"step {step_now}: validation loss {result['val_loss']:.4f}"
+                          f" (perplexity {math.exp(min(result['val_loss'], 50)):.1f})"
+                          + (f" | unigram {baseline:.3f}" if baseline is not None else ""))
+            if result.get("sample"):
+                bar.write(f"  sample: {result['sample']!r}")
+        plot_losses(out / "metrics.jsonl", out / "loss.png", baseline)
+
+    model.train()
+    stopped_early = False
+    try:
+        while max_steps is None or step < max_steps:
+            t0 = time.perf_counter()
+            lr = learning_rate(step, s, max_steps or 10**9)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(s.seed * 1_000_003 + step * 1009 + d.rank)  # dropout: a function of the step
+            batches, count = task.micro_batches(step, d.rank, world, micro, accum)
+            loss_sum = 0.0
+            step_tokens = sum(x.numel() for x, _ in batches) * world
+            for i, (x, y) in enumerate(batches):
+                x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                sync = (i == len(batches) - 1) or world == 1
+                ctx = forward_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                with ctx, autocast:
+                    logits = forward_model(x)
+                    total = token_loss_sum(logits, y)
+                    loss = total * world / max(1, count)
+                loss.backward()
+                loss_sum += float(total.detach())
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            step_loss = _all_mean(loss_sum, d) * world / max(1, count)
+            last["loss"] = step_loss
+            dt = time.perf_counter() - t0
+            timed.append(dt)
+            # --max-minutes alone: plan the step count from the speed of the first steps, once
+            if max_steps is None and len(timed) == 3:
+                left = deadline - time.perf_counter()
+                planned = step + int(0.9 * left / (sum(timed[1:]) / 2))
+                max_steps = _broadcast_int(max(step + 1, planned), d)
+                bar.total = max_steps
+                bar.refresh()
+            if d.main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:,.0f}")
+                if step % s.log_interval == 0 or step == max_steps:
+                    metrics.write({"step": step, "loss": step_loss, "lr": lr, "tokens": tokens_before + tokens_seen,
+                                   "tokens_per_s": step_tokens / dt,
+                                   "elapsed_s": elapsed_before + time.perf_counter() - t_start})
+            final = step == max_steps
+            if s.eval_interval and (step % s.eval_interval == 0 or final):
+                evaluate(step)
+            if final or (s.checkpoint_interval and step % s.checkpoint_interval == 0):
+                save(step)
+            if deadline is not None and not final:
+                over = _broadcast_int(int(time.perf_counter() > deadline), d)
+                if over:
+                    stopped_early = True
+                    if d.main:
+                        bar.write(f"--max-minutes reached at step {step}: checkpoint saved; --resume continues")
+                    save(step)
+                    break
+    finally:
+        bar.close()
+    if d.main:
+        if not stopped_early:
+            task.export(model, out)
+        metrics.close()
+        plot_losses(out / "metrics.jsonl", out / "loss.png", baseline)
+    seconds = time.perf_counter() - t_start
+    steps_run = step - start_step
+    return {"step": step, "max_steps": max_steps, "loss": last["loss"], "val_loss": last["val_loss"],
+            "seconds": seconds, "tokens_per_s": tokens_seen / seconds if seconds else 0.0,
+            "finished": not stopped_early}
