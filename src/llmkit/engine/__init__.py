@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from llmkit.engine.executor import Executor, TorchExecutor
 from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
@@ -123,26 +124,18 @@ class _Live:
         return len(self.request.prompt_ids) + len(self.generated) - 1
 
 
-def _bucket(n: int, limit: int) -> int:
-    """Round a cache length up to a power of two (at least 256), never past the context."""
-    size = 256
-    while size < n:
-        size *= 2
-    return min(size, limit)
-
-
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer, context_length: int, *, max_batch: int = 16,
-                 max_queue: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
-        self.model = model
+    def __init__(self, model: "torch.nn.Module | Executor", tokenizer, context_length: int, *,
+                 max_batch: int = 16, max_queue: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+        """``model``: llmkit's Transformer (run by a TorchExecutor) or any Executor."""
+        self.executor = TorchExecutor(model, max_batch, context_length) if isinstance(model, torch.nn.Module) \
+            else model
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.vocab_size = model.config.vocab_size
+        self.vocab_size = self.executor.vocab_size
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.device = next(model.parameters()).device
-        self._cache = None
         self._waiting: deque[_Live] = deque()
         self._running: list[_Live] = []  # admitted: prefilling or decoding
         self._free_slots: list[int] = list(range(max_batch))
@@ -294,22 +287,13 @@ class Engine:
                 live = self._waiting.popleft()
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
-                self._grow_cache(len(live.request.prompt_ids) + live.request.params.max_tokens)
+                self.executor.reserve(len(live.request.prompt_ids) + live.request.params.max_tokens)
         self._running.sort(key=lambda s: s.slot)
-
-    def _grow_cache(self, length: int) -> None:
-        old = self._cache
-        if old is not None and old.max_len >= length:
-            return
-        new = self.model.new_cache(self.max_batch, _bucket(length, self.context_length))
-        if old is not None:  # keep what running requests already have in their slots
-            new.k[:, :, : old.max_len] = old.k
-            new.v[:, :, : old.max_len] = old.v
-        self._cache = new
 
     def _finish(self, live: _Live, event: Event) -> None:
         if live in self._running:
             self._running.remove(live)
+            self.executor.release(live.slot)
             with self._lock:
                 self._free_slots.append(live.slot)
                 self._free_slots.sort()
@@ -319,20 +303,15 @@ class Engine:
         ids = live.request.prompt_ids
         start = live.prefilled
         chunk = ids[start : start + self.prefill_chunk]
-        tokens = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        slots = torch.tensor([live.slot], device=self.device)
-        logits = self.model(tokens, positions=positions, cache=self._cache, slots=slots, last_only=True)
+        logits = self.executor.prefill(live.slot, chunk, start)
         live.prefilled += len(chunk)
         if live.prefilled == len(ids):
             self.prompt_tokens_total += len(ids)
-            self._advance(live, logits[0, -1])
+            self._advance(live, logits)
 
     def _decode(self, batch: list[_Live]) -> None:
-        tokens = torch.tensor([[s.generated[-1]] for s in batch], device=self.device)
-        positions = torch.tensor([[s.position] for s in batch], device=self.device)
-        slots = torch.tensor([s.slot for s in batch], device=self.device)
-        logits = self.model(tokens, positions=positions, cache=self._cache, slots=slots)[:, -1]
+        logits = self.executor.decode([s.slot for s in batch], [s.generated[-1] for s in batch],
+                                      [s.position for s in batch])
         for row, s in zip(logits, batch):
             self._advance(s, row)
 

@@ -56,24 +56,30 @@ def export(model_or_llm: Any, format: str, out: str | Path, *, tokenizer=None, q
     tokenizer = tokenizer if tokenizer is not None else getattr(model_or_llm, "tokenizer", None)
     if tokenizer is None:
         raise ExportError("export needs the model's tokenizer: pass an LLM, or tokenizer=...")
+    exporter, quantize = resolve(format, quantize)
+    check_plain_model(model, exporter.name)
+    return Path(exporter.run(model, tokenizer, Path(out), quantize))
+
+
+def resolve(format: str, quantize: str | None = None) -> tuple[Exporter, str | None]:
+    """The exporter for ``format`` and the ``quantize`` value to use (its default when None);
+    ExportError for an unknown format or a value the format does not take. Cheap: the CLI calls
+    it before loading the model."""
     registered = exporters()
     fmt = format.lower()
     if fmt not in registered:
         raise ExportError(f"unknown export format {format!r}; available: {', '.join(sorted(registered))}")
     exporter = registered[fmt]
-    if quantize is not None:
-        q = quantize.lower()
-        if not exporter.quantize:
-            raise ExportError(f"the {fmt} export takes no --quantize (it writes the model as it is)")
-        if q not in exporter.quantize:
-            raise ExportError(
-                f"the {fmt} export cannot write {quantize!r} weights; choose one of: {', '.join(exporter.quantize)}"
-            )
-        quantize = q
-    elif exporter.quantize:
-        quantize = exporter.quantize[0]
-    check_plain_model(model, fmt)
-    return Path(exporter.run(model, tokenizer, Path(out), quantize))
+    if quantize is None:
+        return exporter, (exporter.quantize[0] if exporter.quantize else None)
+    q = quantize.lower()
+    if not exporter.quantize:
+        raise ExportError(f"the {fmt} export takes no --quantize: it writes float32 weights as they are")
+    if q not in exporter.quantize:
+        raise ExportError(
+            f"the {fmt} export cannot write {quantize!r} weights; choose one of: {', '.join(exporter.quantize)}"
+        )
+    return exporter, q
 
 
 def check_plain_model(model, fmt: str) -> None:

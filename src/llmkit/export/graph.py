@@ -127,6 +127,9 @@ def _write_folder(out: Path, write) -> Path:
             if not out.is_dir():
                 raise ExportError(f"{out} exists and is a file; this export writes a folder")
             shutil.rmtree(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
