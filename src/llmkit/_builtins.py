@@ -6,6 +6,7 @@ from llmkit.plugins import hookimpl
 
 # modules under llmkit.commands whose COMMANDS list joins the CLI
 COMMAND_MODULES = [
+    "serve",
     "bench",
     "train",
     "export",

@@ -18,7 +18,7 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-EXECUTORS = ("auto", "torch")
+EXECUTORS = ("auto", "torch", "llama.cpp")
 
 
 def load(model: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -29,6 +29,8 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
     On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise.
     ``quantize`` ("int8" or "int4") applies weight-only quantization after loading (CPU).
+    ``executor``: "torch" runs llmkit's own model; "llama.cpp" runs a GGUF file on llama.cpp
+    (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top; "auto" is torch.
     ``max_batch`` is how many requests the engine decodes together.
     """
     if executor not in EXECUTORS:
@@ -46,13 +48,35 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     device = torch.device(device) if device is not None else _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ckpt = read_checkpoint(path, dtype=dtype, device=device)
-    if quantize not in (None, "none"):
-        from llmkit.quantize import quantize_model
 
-        quantize_model(ckpt.model, quantize)
+    def read():
+        ckpt = read_checkpoint(path, dtype=dtype, device=device)
+        if quantize not in (None, "none"):
+            from llmkit.quantize import quantize_model
+
+            quantize_model(ckpt.model, quantize)
+        return ckpt
+
+    if executor == "llama.cpp":
+        return _load_llamacpp(name, Path(path), lambda: read().model, quantize, max_batch)
+    ckpt = read()
     return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
                max_batch=max_batch, quantize=quantize)
+
+
+def _load_llamacpp(name: str, path: Path, read_model, quantize: str | None, max_batch: int) -> "LLM":
+    from llmkit.engine.llamacpp import LlamaCppExecutor
+    from llmkit.formats.gguf import read_gguf_header
+
+    if path.suffix != ".gguf":
+        raise LLMKitError(f"executor 'llama.cpp' runs GGUF files; {path} is not one (use executor='torch')")
+    if quantize not in (None, "none"):
+        raise LLMKitError("quantize= applies to the torch executor; llama.cpp runs the GGUF's own quantization")
+    config, tokenizer = read_gguf_header(path)
+    executor = LlamaCppExecutor(path, max_batch, config.max_position_embeddings)
+    # llmkit's own model is read only if something needs it (logits, saving, training)
+    return LLM(None, tokenizer, name=name, path=path, format="gguf", max_batch=max_batch, config=config,
+               executor=executor, read_model=read_model)
 
 
 class LLM:
@@ -60,17 +84,28 @@ class LLM:
     (see ``llmkit.sampling.SamplingParams``): max_tokens, temperature, top_k, top_p, min_p,
     repetition_penalty, presence_penalty, frequency_penalty, seed, stop, ignore_eos, ..."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "", path: Path | None = None,
-                 format: str = "", max_batch: int = 16, quantize: str | None = None):
-        self.model = model
+    def __init__(self, model: torch.nn.Module | None, tokenizer, *, name: str = "", path: Path | None = None,
+                 format: str = "", max_batch: int = 16, quantize: str | None = None, config=None,
+                 executor=None, read_model=None):
+        self._model = model
+        self._read_model = read_model
         self.tokenizer = tokenizer
-        self.config = model.config
+        self.config = config if config is not None else model.config
         self.name = name
         self.path = path
         self.format = format
-        self.context_length = self.config.max_position_embeddings
         self.quantize = quantize
-        self.engine = Engine(model, tokenizer, self.context_length, max_batch=max_batch)
+        self.executor_name = "llama.cpp" if executor is not None else "torch"
+        self.engine = Engine(executor if executor is not None else model, tokenizer,
+                             self.config.max_position_embeddings, max_batch=max_batch)
+        self.context_length = self.engine.context_length
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """llmkit's PyTorch model (read on first use when another executor generates)."""
+        if self._model is None:
+            self._model = self._read_model()
+        return self._model
 
     def __repr__(self) -> str:
         c = self.config

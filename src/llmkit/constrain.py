@@ -235,6 +235,24 @@ def _compiler_for(tokenizer, vocab_size: int) -> _Compiler:
 _SEPARATORS = (", ", ": ")
 
 
+# xgrammar 0.2.9 writes a length-bounded string (minLength / maxLength) as characters from
+# [^"\\\r\n]: that lets raw control characters through, which JSON forbids (json.loads then
+# fails), and it rules out escapes. Such characters are swapped for plain unescaped JSON
+# characters; the bound is kept.
+_BOUNDED_CHARS = r'[^\"\\\r\n]'
+_JSON_CHARS = r'[^\0-\x1f\"\\]'
+
+
+def _compile_json_schema(compiler, schema_json: str):
+    import xgrammar as xgr
+
+    options = dict(any_whitespace=False, separators=_SEPARATORS, strict_mode=True)
+    ebnf = str(xgr.Grammar.from_json_schema(schema_json, **options))
+    if _BOUNDED_CHARS not in ebnf:
+        return compiler.compile_json_schema(schema_json, **options)
+    return compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHARS, _JSON_CHARS)))
+
+
 def compile_schema(tokenizer, vocab_size: int, schema: Any):
     """The compiled grammar (xgrammar ``CompiledGrammar``) for a schema; ``None`` means any JSON value."""
     comp = _compiler_for(tokenizer, vocab_size)
@@ -247,8 +265,7 @@ def compile_schema(tokenizer, vocab_size: int, schema: Any):
             else:
                 check_schema(schema)
                 try:
-                    comp.cache[key] = comp.compiler.compile_json_schema(
-                        key, any_whitespace=False, separators=_SEPARATORS, strict_mode=True)
+                    comp.cache[key] = _compile_json_schema(comp.compiler, key)
                 except RuntimeError as exc:
                     reason = str(exc).split(": ", 1)[-1].strip()
                     raise UnsupportedSchemaError(f"the schema cannot be enforced: {reason}") from None

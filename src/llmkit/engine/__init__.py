@@ -131,7 +131,7 @@ class Engine:
         self.executor = TorchExecutor(model, max_batch, context_length) if isinstance(model, torch.nn.Module) \
             else model
         self.tokenizer = tokenizer
-        self.context_length = context_length
+        self.context_length = min(context_length, self.executor.context_length)
         self.vocab_size = self.executor.vocab_size
         self.max_batch = max_batch
         self.max_queue = max_queue

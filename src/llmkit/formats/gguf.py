@@ -20,12 +20,9 @@ def _tensors(f: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
         yield info.name, f.tensor(info)
 
 
-def read_gguf(path: Path, dtype: torch.dtype, device):
-    from llmkit.formats import Checkpoint, build_model
+def _header(f: GGUFFile, path: Path):
     from llmkit.formats.archs import get_architecture
-    from llmkit.tokenizer import Tokenizer
 
-    f = GGUFFile(path)
     meta = f.metadata
     arch_name = meta.get("general.architecture")
     if arch_name is None:
@@ -36,6 +33,24 @@ def read_gguf(path: Path, dtype: torch.dtype, device):
     config = arch.config_from_gguf(meta)
     config.tie_embeddings = "output.weight" not in {t.name for t in f.tensors}
     config.name = meta.get("general.name", path.stem)
+    return arch, config
+
+
+def read_gguf_header(path: Path):
+    """(ModelConfig, Tokenizer) from the metadata alone, without reading any weights."""
+    from llmkit.tokenizer import Tokenizer
+
+    f = GGUFFile(path)
+    _, config = _header(f, path)
+    return config, Tokenizer.from_gguf_metadata(f.metadata)
+
+
+def read_gguf(path: Path, dtype: torch.dtype, device):
+    from llmkit.formats import Checkpoint, build_model
+    from llmkit.tokenizer import Tokenizer
+
+    f = GGUFFile(path)
+    arch, config = _header(f, path)
     model = build_model(config, arch.weights_from_gguf(config, _tensors(f)), dtype, device, path)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
     return Checkpoint(config=config, model=model, tokenizer=tokenizer, path=path, format="gguf")

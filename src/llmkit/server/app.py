@@ -268,8 +268,8 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
             raise bad_request("max_tokens must be at least 1 (0 only with echo, to score the prompt).",
                               param="max_tokens", code="invalid_value")
         for ids in prompts:
-            if len(ids) > llm.context_length or (req.max_tokens or 0) + len(ids) > llm.context_length:
-                engine.check(_probe(ids, max(req.max_tokens or 1, 1)))
+            if len(ids) > llm.context_length:  # before scoring an echoed prompt; _jobs checks the rest
+                engine.check(_probe(ids, 1))
         gen = _Generation("cmpl", config.model_name, [len(p) for p in prompts], req.n, llm.tokenizer)
         k = req.logprobs
         if req.echo:
@@ -385,11 +385,14 @@ async def _jobs(state: ServerState, req, prompts: list[list[int]], max_tokens: i
         return [processor_for_response_format(llm.tokenizer, llm.model.config.vocab_size, rf)
                 for _ in range(len(prompts) * req.n)]
 
+    bases = []
+    for ids in prompts:
+        m = max_tokens if max_tokens is not None else max(1, min(state.config.default_max_tokens, context - len(ids)))
+        bases.append(SamplingParams(max_tokens=m, **common))
+        state.engine.check(Request(ids, bases[-1]))  # before compiling a schema: fail fast
     procs = await asyncio.to_thread(processors) if rf and rf.get("type") != "text" else None
     jobs = []
-    for p, ids in enumerate(prompts):
-        m = max_tokens if max_tokens is not None else max(1, min(state.config.default_max_tokens, context - len(ids)))
-        base = SamplingParams(max_tokens=m, **common)
+    for p, (ids, base) in enumerate(zip(prompts, bases)):
         for j in range(req.n):
             params = base
             if j and base.seed is not None:
@@ -397,8 +400,6 @@ async def _jobs(state: ServerState, req, prompts: list[list[int]], max_tokens: i
             if procs is not None:
                 params = params.replace(logits_processors=[procs[p * req.n + j]])
             jobs.append(Request(ids, params, logprobs=k))
-    for job in jobs[:: req.n]:
-        state.engine.check(job)
     return jobs
 
 
@@ -516,13 +517,6 @@ class _Run:
         if event.finish_reason is not None:
             m.e2e.observe(at - self.arrival)
             m.finished(event.finish_reason)
-
-
-@lru_cache(maxsize=8)
-def _byte_decoder_for(tokenizer_id: int, byte_level: bool):
-    from llmkit.tokenizer import _byte_alphabet
-
-    return {c: b for b, c in _byte_alphabet().items()} if byte_level else None
 
 
 class _Tokens:
@@ -723,8 +717,8 @@ class _Generation:
 
 
 def _reason(reason: str | None) -> str | None:
-    # "cancelled" only reaches a client whose request hit the time limit or a shutdown mid-stream
-    return reason
+    # "cancelled" reaches a client only when a shutdown's drain time ran out mid-generation
+    return "abort" if reason == "cancelled" else reason
 
 
 def _sse(chunks: AsyncIterator[dict], middlewares: list) -> StreamingResponse:

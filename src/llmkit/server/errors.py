@@ -135,7 +135,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(LLMKitError)
     async def _llmkit(request: Request, exc: LLMKitError):
-        return from_llmkit_error(exc).response()
+        error = from_llmkit_error(exc)
+        if error.param == "messages" and not request.url.path.endswith("/chat/completions"):
+            error.param = "prompt"
+        return error.response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

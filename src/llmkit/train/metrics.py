@@ -63,7 +63,8 @@ def plot_losses(metrics: str | Path, png: str | Path, baseline: float | None = N
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val or baseline is not None:
+        ax.legend()
     fig.tight_layout()
     png = Path(png)
     tmp = png.with_name(f".{png.name}.tmp.png")

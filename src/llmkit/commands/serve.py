@@ -1,0 +1,72 @@
+"""``llmkit serve``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import click
+
+from llmkit.cli import friendly_errors, model_option
+
+
+@click.command()
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 serves other machines too (set --api-key then).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="LLMKIT_API_KEY", default=None,
+              help="Require this key (Authorization: Bearer KEY) on every route but /health. Env: LLMKIT_API_KEY.")
+@click.option("--served-model-name", default=None, help="The model id clients send (default: the -m value).")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization at load (CPU): faster decoding, slightly lower quality.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="Requests decoded together in one step.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0, None),
+              help="Requests that may wait for a slot; beyond it clients get 429 with Retry-After.")
+@click.option("--default-max-tokens", default=1024, show_default=True, type=click.IntRange(1, None),
+              help="Tokens generated when a request does not say (never past the context).")
+@click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a request may take, waiting included; then it is cancelled.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM/Ctrl-C: seconds that requests in flight get to finish.")
+@click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body accepted (413 beyond).")
+@click.option("--allow-origin", "allow_origins", multiple=True,
+              help="Let browser pages from this origin call the API (CORS); repeatable, * for any.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@friendly_errors
+def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None, quantize: str,
+          max_batch: int, max_queue: int, default_max_tokens: int, request_timeout: float, drain_timeout: float,
+          max_body_mb: float, allow_origins: tuple[str, ...], log_level: str) -> None:
+    """Serve a model over HTTP with an OpenAI-compatible API and a chat page.
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
+    /health, /ready, /metrics (Prometheus), / (chat page in the browser), /docs (OpenAPI).
+    Many clients are served at once: their requests share each decoding step.
+
+    \b
+    Example:
+      llmkit serve -m smollm2-135m-instruct --port 8000
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi!"}]}'
+    """
+    from llmkit import store
+    from llmkit.server import ServerConfig, serve as run
+
+    # fail before binding the port, not seconds later in the loading thread
+    if not store.is_catalogue_name(model):
+        store.resolve(model)
+    name = served_model_name or model
+    aliases = tuple(a for a in {model, str(model).rstrip("/").rsplit("/", 1)[-1]} if a != name)
+    config = ServerConfig(model_name=name, aliases=aliases, api_key=api_key or None, max_batch=max_batch,
+                          max_queue=max_queue, default_max_tokens=default_max_tokens,
+                          request_timeout=request_timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                          drain_timeout=drain_timeout, allow_origins=allow_origins)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.secho(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it.",
+                    fg="yellow", err=True)
+    click.echo(f"llmkit: loading {model}; serving on http://{host}:{port} (chat page at /, API docs at /docs)",
+               err=True)
+    run(model, host=host, port=port, quantize=quantize, config=config, log_level=log_level)
+
+
+COMMANDS = [serve]

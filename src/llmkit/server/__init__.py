@@ -1,0 +1,66 @@
+"""llmkit's HTTP server: an OpenAI-compatible API over the continuous-batching engine.
+
+``create_app(llm, config=ServerConfig(...))`` gives the ASGI app; ``serve(...)`` runs it with uvicorn,
+loading the model in the background (``/ready`` says when it is loaded) and draining requests in
+flight on SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+from llmkit.server.app import ServerConfig, create_app
+
+__all__ = ["ServerConfig", "create_app", "serve"]
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: str = "none",
+          config: ServerConfig | None = None, log_level: str = "info") -> int:
+    """Load ``model`` (in a background thread) and serve it until SIGTERM/SIGINT; return an exit code.
+
+    On the signal the server stops accepting connections, answers /ready with 503, and gives the
+    requests in flight ``config.drain_timeout`` seconds to finish before cancelling them.
+    """
+    import logging
+
+    import uvicorn
+
+    config = config or ServerConfig(model_name=model)
+    failed: list[BaseException] = []
+
+    def load():
+        import llmkit
+
+        llm = llmkit.load(model, progress=False)
+        if quantize and quantize != "none":
+            from llmkit.quantize import quantize_model
+
+            quantize_model(llm.model, quantize)
+        return llm
+
+    server: uvicorn.Server | None = None
+
+    def load_failed(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config=config, loader=load, on_load_error=load_failed)
+    logging.getLogger("llmkit.server").setLevel(log_level.upper())
+    if not logging.getLogger("llmkit.server").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logging.getLogger("llmkit.server").addHandler(handler)
+    state = app.state.llmkit
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # first signal: drain (readiness 503 at once)
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                               timeout_graceful_shutdown=max(1, int(config.drain_timeout)),
+                               timeout_keep_alive=5)
+    server = _Server(uv_config)
+    server.run()
+    if failed:
+        raise failed[0]
+    return 0

@@ -1,0 +1,451 @@
+"""The OpenAI-compatible server, tested with the official ``openai`` client against a real uvicorn
+server on a free port, over a tiny random model (vocabulary 400, context 128)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+
+import llmkit
+from llmkit.server import ServerConfig, create_app
+
+MODEL = "tiny"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def client(url: str, key: str = "none", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(url + "/metrics").text
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return llmkit.load(tiny_model_dir("llama"))
+
+
+@pytest.fixture(scope="module")
+def url(tiny):
+    app = create_app(tiny, config=ServerConfig(model_name=MODEL, max_batch=16, default_max_tokens=16))
+    with running_server(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def oai(url):
+    return client(url)
+
+
+def chat_ids(tiny, messages):
+    return tiny.tokenizer.encode(tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+USER = [{"role": "user", "content": "The quick brown fox"}]
+
+
+# ------------------------------------------------------------------------------------------ routes
+
+
+def test_models_health_ready_and_openapi(url, oai, tiny):
+    models = oai.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["max_model_len"] == tiny.context_length
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/ready").status_code == 200
+    doc = httpx.get(url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+                 "/health", "/ready", "/metrics"):
+        assert path in doc["paths"], path
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    assert {"messages", "max_tokens", "temperature", "response_format", "stream", "logprobs"} <= set(schema["properties"])
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "<title>llmkit chat</title>" in page.text
+
+
+def test_chat_completion_matches_the_library(oai, tiny):
+    r = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, user="u1")
+    expected_ids = tiny.generate_ids(chat_ids(tiny, USER), max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == tiny.chat(USER, max_tokens=12, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+    assert r.usage.prompt_tokens == len(chat_ids(tiny, USER))
+    assert r.usage.completion_tokens == len(expected_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if len(expected_ids) == 12 else "stop")
+
+
+def test_chat_stream_equals_the_whole_answer(oai):
+    whole = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=20, temperature=0)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=20, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_plain_streamed_and_batched(oai, tiny):
+    r = oai.completions.create(model=MODEL, prompt="Paris is the", max_tokens=10, temperature=0)
+    assert r.choices[0].text == tiny.generate("Paris is the", max_tokens=10, temperature=0)
+    assert r.object == "text_completion" and r.usage.prompt_tokens == len(tiny.tokenizer.encode("Paris is the", True))
+    pieces = list(oai.completions.create(model=MODEL, prompt="Paris is the", max_tokens=10, temperature=0,
+                                         stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == r.choices[0].text
+    assert pieces[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # a list of prompts: one choice each, in order; token ids work as prompts too
+    prompts = ["Paris is the", "def add(a, b):"]
+    many = oai.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [
+        tiny.generate(p, max_tokens=6, temperature=0) for p in prompts]
+    ids = tiny.tokenizer.encode("Paris is the", add_special_tokens=True)
+    by_ids = oai.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+
+
+def test_n_choices_with_a_seed_are_distinct_and_reproducible(oai):
+    kw = dict(model=MODEL, messages=USER, max_tokens=8, temperature=1.0, seed=7, n=3)
+    a = oai.chat.completions.create(**kw)
+    b = oai.chat.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    texts = [c.message.content for c in sorted(a.choices, key=lambda c: c.index)]
+    assert texts == [c.message.content for c in sorted(b.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1
+    assert a.usage.completion_tokens == sum(
+        len(c.logprobs.content) if c.logprobs else 0 for c in a.choices) or a.usage.completion_tokens >= 3
+    streamed = list(oai.chat.completions.create(**kw, stream=True))
+    got = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            got[c.index] = got.get(c.index, "") + (c.delta.content or "")
+    assert [got[i] for i in range(3)] == texts
+
+
+def test_chat_logprobs(oai, tiny):
+    r = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0, logprobs=True,
+                                    top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    ids = chat_ids(tiny, USER)
+    generated = tiny.generate_ids(ids, max_tokens=8, temperature=0)
+    logits = tiny.logits(ids + generated)
+    for i, entry in enumerate(content):
+        expected = torch.log_softmax(logits[len(ids) - 1 + i], -1)[generated[i]].item()
+        assert entry.logprob == pytest.approx(expected, abs=1e-3)
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the top one
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    streamed = list(oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=3, stream=True))
+    lps = [c.choices[0].logprobs.content[0].logprob for c in streamed if c.choices and c.choices[0].logprobs]
+    assert lps == pytest.approx([e.logprob for e in content], abs=1e-6)
+
+
+def test_completion_logprobs_and_echo_score_the_prompt(oai, tiny):
+    prompt = "The quick brown fox jumps"
+    ids = tiny.tokenizer.encode(prompt, add_special_tokens=True)
+    r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == tiny.tokenizer.decode(ids)
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(ids)
+    expected = torch.log_softmax(tiny.logits(ids), -1)
+    for pos in range(1, len(ids)):
+        assert choice.logprobs.token_logprobs[pos] == pytest.approx(expected[pos - 1, ids[pos]].item(), abs=1e-4)
+        assert len(choice.logprobs.top_logprobs[pos]) <= 2
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    # echo with generation: the prompt's text, then the completion, logprobs for both
+    g = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=5, echo=True, logprobs=1, temperature=0)
+    plain = tiny.generate(prompt, max_tokens=5, temperature=0)
+    assert g.choices[0].text == tiny.tokenizer.decode(ids) + plain
+    assert len(g.choices[0].logprobs.tokens) == len(ids) + g.usage.completion_tokens
+
+
+def test_stop_strings_and_logit_bias(oai, tiny):
+    full = oai.completions.create(model=MODEL, prompt="Paris is the", max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].text
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = oai.completions.create(model=MODEL, prompt="Paris is the", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    token = tiny.tokenizer.encode(" fox")[0]
+    forced = oai.completions.create(model=MODEL, prompt="Paris", max_tokens=4, temperature=0,
+                                    logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == tiny.tokenizer.decode([token] * 4)
+
+
+def test_response_format_json_schema_output_validates(oai):
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 6},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        "kind": {"enum": ["a", "b"]}}, "required": ["city", "ok", "size", "kind"], "additionalProperties": False}
+    for seed in range(3):
+        r = oai.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=60, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=100, temperature=0,
+                                    response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        json.loads(r.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as err:  # a keyword the mask cannot enforce is refused
+        oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=10, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}})
+    assert err.value.body["param"] == "response_format"
+
+
+def test_tokenize_and_detokenize(url, tiny):
+    r = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Paris is the"}).json()
+    assert r["tokens"] == tiny.tokenizer.encode("Paris is the", add_special_tokens=True)
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == tiny.context_length
+    chat = httpx.post(url + "/tokenize", json={"messages": USER}).json()
+    assert chat["tokens"] == chat_ids(tiny, USER)
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == \
+        tiny.tokenizer.decode(r["tokens"])
+    assert httpx.post(url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def test_errors_surface_as_the_clients_exception_types(oai, tiny):
+    long_prompt = "fox " * 200
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model=MODEL, prompt=long_prompt, max_tokens=5)
+    assert err.value.code == "context_length_exceeded"
+    assert str(tiny.context_length) in err.value.message and "tokens" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # max_tokens past the context: refused, not truncated
+        oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=500)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2)
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=MODEL, messages=USER, temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+
+
+def test_bad_input_gets_400s_never_500s(url):
+    post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", **({"json": body} if body is not None else kw))
+    assert_error(post(None, content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert_error(post(None, content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
+    assert_error(post(None, content=b"\xff\xfe", headers={"content-type": "application/json"}), 400)
+    bad = [
+        {"messages": "hello"},
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**12},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 10**6},
+        {"messages": [{"role": "user", "content": "hi"}], "top_p": 7},
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 500, "logprobs": True},
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}},
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1000}},
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": [""]},
+        {"messages": [{"role": "user", "content": "hi"}], "seed": "x"},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}},
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
+    ]
+    for body in bad:
+        assert_error(post(body), 400)
+    err = assert_error(post({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), 400)
+    assert err["param"] == "temperature"
+    comp = lambda body: httpx.post(url + "/v1/completions", json=body)
+    for body in ({"prompt": []}, {"prompt": [10**7]}, {"prompt": "x", "max_tokens": 0}, {"prompt": "x", "suffix": "y"},
+                 {"prompt": {"a": 1}}, {}):
+        assert_error(comp(body), 400)
+    assert_error(httpx.get(url + "/v1/nothing-here"), 404)
+    assert_error(httpx.get(url + "/v1/chat/completions"), 405)
+    # an oversized body: 413, with and without Content-Length
+    assert_error(httpx.post(url + "/v1/completions", content=b"x" * (9 * 1024 * 1024)), 413)
+    assert_error(httpx.post(url + "/v1/completions", content=iter([b"x" * (1 << 20)] * 9)), 413)
+    # and the server still answers
+    assert httpx.post(url + "/v1/completions", json={"prompt": "Paris", "max_tokens": 2}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ auth, queue
+
+
+def test_api_key(tiny):
+    app = create_app(tiny, config=ServerConfig(model_name=MODEL, api_key="s3cret"))
+    with running_server(app) as base:
+        with pytest.raises(openai.AuthenticationError):
+            client(base, key="wrong").chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+        assert_error(httpx.get(base + "/v1/models"), 401, "invalid_api_key")
+        assert_error(httpx.get(base + "/metrics"), 401)
+        assert_error(httpx.get(base + "/", headers={"accept": "text/html"}), 401)
+        assert httpx.get(base + "/health").status_code == 200
+        r = client(base, key="s3cret").chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+        assert r.choices[0].message.content is not None
+        assert httpx.get(base + "/v1/models", headers={"X-Api-Key": "s3cret"}).status_code == 200
+        assert httpx.get(base + "/", auth=("anyone", "s3cret")).status_code == 200  # the browser's login prompt
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny):
+    app = create_app(tiny, config=ServerConfig(model_name=MODEL, max_batch=1, max_queue=1))
+    body = {"model": MODEL, "prompt": "Paris", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with running_server(app) as base:
+        with httpx.Client(base_url=base, timeout=60) as h:
+            with h.stream("POST", "/v1/completions", json=body) as running:  # takes the one slot
+                lines = running.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
+                with h.stream("POST", "/v1/completions", json=body) as waiting:  # waits
+                    time.sleep(0.05)
+                    for _ in range(3):
+                        refused = h.post("/v1/completions", json={**body, "stream": False})
+                        err = assert_error(refused, 429, "queue_full")
+                        assert int(refused.headers["retry-after"]) >= 1 and "retry" in err["message"]
+                    with pytest.raises(openai.RateLimitError):
+                        client(base).completions.create(model=MODEL, prompt="Paris", max_tokens=3)
+                    waited = [json.loads(x[5:]) for x in waiting.iter_lines()
+                              if x.startswith("data:") and x != "data: [DONE]"]
+                    assert waited[-1]["choices"][0]["finish_reason"] == "length"
+                done = [x for x in lines if x.startswith("data:")]
+                assert done[-1] == "data: [DONE]"
+            assert metric(base, "llmkit:request_rejected_total", reason="queue_full") == 4
+            # nothing else broke
+            ok = client(base).completions.create(model=MODEL, prompt="Paris", max_tokens=3, temperature=0)
+            assert ok.choices[0].text == tiny.generate("Paris", max_tokens=3, temperature=0)
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+
+def test_32_concurrent_streaming_clients_are_interleaved_and_exact(url, oai, tiny):
+    words = ["fox", "Paris", "def add", "Numbers", "Caf\u00e9", "The lazy dog", "capital of", "tokens"]
+    prompts = [f"{words[i % 8]} {i}" for i in range(32)]
+    alone = {}
+    for p in prompts:  # each answer alone, one request at a time
+        r = oai.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0,
+                                   extra_body={"ignore_eos": True})
+        alone[p] = r.choices[0].text
+
+    async def one(c: openai.AsyncOpenAI, prompt: str):
+        times, text = [], []
+        stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.perf_counter())
+                text.append(chunk.choices[0].text)
+        return "".join(text), times
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120,
+                                      http_client=openai.DefaultAsyncHttpxClient(
+                                          limits=httpx.Limits(max_connections=64))) as c:
+            return await asyncio.gather(*(one(c, p) for p in prompts))
+
+    before = metric(url, "llmkit:request_success_total", finished_reason="length")
+    results = asyncio.run(all_at_once())
+    for p, (text, times) in zip(prompts, results):
+        assert text == alone[p], p
+    # interleaved: while one stream was producing tokens, many others were too
+    spans = [(t[0], t[-1]) for _, t in results]
+    overlapping = max(sum(1 for s, e in spans if s <= (s0 + e0) / 2 <= e) for s0, e0 in spans)
+    assert overlapping >= 8, spans
+    assert metric(url, "llmkit:request_success_total", finished_reason="length") == before + 32
+    assert metric(url, "llmkit:num_requests_running") == 0
+    assert metric(url, "llmkit:num_requests_waiting") == 0
+
+
+def test_metrics_are_prometheus_with_vllm_names(url, oai):
+    oai.completions.create(model=MODEL, prompt="Paris", max_tokens=4, temperature=0)
+    text = httpx.get(url + "/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds_bucket",
+                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_sum", "prompt_tokens_total",
+                 "generation_tokens_total", "request_success_total"):
+        assert f"llmkit:{name}" in text, name
+    assert metric(url, "llmkit:time_to_first_token_seconds_count") >= 1
+    assert metric(url, "llmkit:generation_tokens_total") >= 4
+
+
+def test_readiness_is_503_while_the_model_loads(tiny):
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(20)
+        return tiny
+
+    app = create_app(config=ServerConfig(model_name=MODEL), loader=loader)
+    with running_server(app) as base:
+        assert httpx.get(base + "/health").status_code == 200
+        assert_error(httpx.get(base + "/ready"), 503, "model_loading")
+        r = httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert_error(r, 503, "model_loading")
+        assert "retry-after" in r.headers
+        gate.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
