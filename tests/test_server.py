@@ -85,6 +85,29 @@ def oai(url):
     return client(url)
 
 
+class Slow(torch.nn.Module):
+    """The tiny model, slowed to ``delay`` s per forward: a request then holds its slot long enough
+    to test what happens meanwhile (queueing, disconnects)."""
+
+    def __init__(self, inner, delay: float):
+        super().__init__()
+        self.inner, self.config, self.delay = inner, inner.config, delay
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slow(tiny):
+    from llmkit.api import LLM
+
+    return LLM(Slow(tiny.model, 0.02), tiny.tokenizer, name="slow")
+
+
 def chat_ids(tiny, messages):
     return tiny.tokenizer.encode(tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
@@ -349,8 +372,8 @@ def test_api_key(tiny):
         assert httpx.get(base + "/", auth=("anyone", "s3cret")).status_code == 200  # the browser's login prompt
 
 
-def test_a_full_queue_answers_429_with_retry_after(tiny):
-    app = create_app(tiny, config=ServerConfig(model_name=MODEL, max_batch=1, max_queue=1))
+def test_a_full_queue_answers_429_with_retry_after(tiny, slow):
+    app = create_app(slow, config=ServerConfig(model_name=MODEL, max_batch=1, max_queue=1))
     body = {"model": MODEL, "prompt": "Paris", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with running_server(app) as base:
@@ -449,3 +472,25 @@ def test_readiness_is_503_while_the_model_loads(tiny):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot_at_once(slow):
+    app = create_app(slow, config=ServerConfig(model_name=MODEL, max_batch=2))
+    body = {"model": MODEL, "prompt": "Paris", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    with running_server(app) as base:
+        for stream in (True, False):
+            with httpx.Client(base_url=base, timeout=60) as h:
+                if stream:
+                    with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                        next(line for line in r.iter_lines() if line.startswith("data:"))
+                        assert metric(base, "llmkit:num_requests_running") == 1
+                else:
+                    with pytest.raises(httpx.ReadTimeout):
+                        h.post("/v1/completions", json=body, timeout=0.3)
+            gone = time.monotonic()
+            while metric(base, "llmkit:num_requests_running") != 0:
+                assert time.monotonic() - gone < 1.5, "the slot was not freed"
+                time.sleep(0.02)
+        assert metric(base, "llmkit:request_success_total", finished_reason="abort") == 2
+        assert metric(base, "llmkit:generation_tokens_total") < 100
+        assert slow.engine.num_running == 0  # (the library's own engine was never used)

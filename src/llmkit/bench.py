@@ -52,7 +52,8 @@ def _prompt_ids(tokenize: Callable[[str], list[int]], n: int) -> list[int]:
 
 # ---------------------------------------------------------------------- workers (in subprocesses)
 
-def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None) -> dict[str, Any]:
+def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
+                   executor: str = "torch") -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -61,7 +62,7 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None)
     from llmkit.engine import Request
     from llmkit.sampling import SamplingParams
 
-    llm = llmkit.load(model, quantize=quantize, progress=False)
+    llm = llmkit.load(model, quantize=quantize, executor=executor, progress=False)
     short = llm.tokenizer.encode("Hello")
     llm.generate_ids(short, max_tokens=1, temperature=0)
     load = time.perf_counter() - start
@@ -97,8 +98,10 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None)
     s4 = [streams(4) for _ in range(repeats)]
     s16 = [streams(16) for _ in range(repeats)]
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    precision = "gguf as stored" if executor == "llama.cpp" else (
+        quantize or str(next(llm.model.parameters()).dtype).replace("torch.", ""))
     return {
-        "engine": "llmkit", "precision": quantize or str(next(llm.model.parameters()).dtype).replace("torch.", ""),
+        "engine": "llmkit" if executor == "torch" else f"llmkit+{executor}", "precision": precision,
         "threads": torch.get_num_threads(), "load_to_first_token_s": load, "peak_rss_mb": _peak_rss_mb(),
         "prefill_512_tokens_per_s": 512 / prefill, "decode_tokens_per_s": decode,
         "decode_4_streams_tokens_per_s": med(s4, "tokens_per_s"),
@@ -189,6 +192,8 @@ def worker_main(argv: list[str]) -> None:
     engine, model, threads, repeats, quantize = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4]
     if engine == "llmkit":
         result = _llmkit_worker(model, threads, repeats, None if quantize == "none" else quantize)
+    elif engine == "llmkit+llama.cpp":
+        result = _llmkit_worker(model, threads, repeats, None, executor="llama.cpp")
     elif engine == "transformers":
         result = _transformers_worker(model, threads, repeats)
     else:
@@ -229,19 +234,20 @@ METRICS = [
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """llmkit's advantage over each peer per metric (>1 is better for llmkit, whichever way the
-    metric points)."""
-    ours = results[0]
+    """Each llmkit configuration's advantage over each peer per metric, keyed "ours vs peer"
+    (>1 is better for llmkit, whichever way the metric points)."""
+    ok = [r for r in results if "error" not in r]
+    ours = [r for r in ok if r["engine"].startswith("llmkit")]
+    peers = [r for r in ok if not r["engine"].startswith("llmkit")]
     out: dict[str, dict[str, float]] = {}
-    for peer in results[1:]:
-        if "error" in peer or "error" in ours:
-            continue
-        row = {}
-        for key, _, higher_is_better in METRICS:
-            a, b = ours.get(key), peer.get(key)
-            if a and b:
-                row[key] = a / b if higher_is_better else b / a
-        out[peer["engine"]] = row
+    for a in ours:
+        for b in peers:
+            row = {}
+            for key, _, higher_is_better in METRICS:
+                x, y = a.get(key), b.get(key)
+                if x and y:
+                    row[key] = x / y if higher_is_better else y / x
+            out[f"{a['engine']} vs {b['engine']}"] = row
     return out
 
 

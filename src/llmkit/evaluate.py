@@ -289,7 +289,7 @@ def _generations(run: EvalRun) -> list[str]:
     if task is not None and (task.prompt is None or task.rule != "generate"):
         raise DataError(f"task {task_name!r} does not generate text; use translate, summarize, answer or a template")
     extra = dict(run.options.get("task_options") or {})
-    prompts, finishers = [], []
+    prompts, finishers, stops = [], [], []
     for r in run.records:
         fields = {k: v for k, v in r.items() if k not in ("reference", "_line")}
         if template:
@@ -299,6 +299,7 @@ def _generations(run: EvalRun) -> list[str]:
                 raise DataError(f"{run.path}:{r['_line']}: the template uses {exc} but the record has no such field") from None
             prompts.append(render(run.llm, [{"role": "user", "content": content}]))
             finishers.append(lambda text: text.strip())
+            stops.append(None)
             continue
         inputs = {**{k: v for k, v in fields.items() if k != "input"}, **extra}
         try:
@@ -311,10 +312,18 @@ def _generations(run: EvalRun) -> list[str]:
         prompts.append(render(run.llm, task.prompt(*bound.args, **bound.kwargs)))
         args = dict(bound.arguments)
         finishers.append(lambda text, _a=args: task.finish(text, _a) if task.finish else text.strip())
+        stops.append(tuple(task.stop(args)) if task.stop and run.options.get("stop") is None else None)
     sampling = {"max_tokens": task.max_tokens if task else 256, **run.sampling()}
-    texts = generate_batch(run.llm, prompts, batch_size=run.options.get("batch_size") or 8,
-                           progress=run.progress(f"generating ({task_name if task else 'template'})", len(prompts)),
-                           **sampling)
+    advance = run.progress(f"generating ({task_name if task else 'template'})", len(prompts))
+    texts: list[str] = [""] * len(prompts)
+    # records with the same stop strings generate together
+    for stop in dict.fromkeys(stops):
+        idx = [i for i, s in enumerate(stops) if s == stop]
+        extra_stop = {"stop": list(stop)} if stop else {}
+        outs = generate_batch(run.llm, [prompts[i] for i in idx], batch_size=run.options.get("batch_size") or 8,
+                              progress=advance, **sampling, **extra_stop)
+        for i, out in zip(idx, outs):
+            texts[i] = out
     run.memo["generations"] = [finish(t) for finish, t in zip(finishers, texts)]
     return run.memo["generations"]
 

@@ -244,10 +244,14 @@ class Transformer(nn.Module):
         # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
         kp = key_pos.view(1, 1, -1) if key_pos.dim() == 1 else key_pos[:, None, :]
         qp = positions[:, :, None]
-        mask = kp <= qp
-        if self.config.sliding_window:
-            mask = mask & (kp > qp - self.config.sliding_window)
-        mask = mask[:, None]
+        window = self.config.sliding_window
+        if b == 1 and t == 1 and (not window or length <= window):
+            mask = None  # one new token that sees every cached key: no mask, SDPA's fastest path
+        else:
+            mask = kp <= qp
+            if window:
+                mask = mask & (kp > qp - window)
+            mask = mask[:, None]
         rope = None
         if self.config.position == "rope":
             freqs = positions[..., None].float() * self.inv_freq  # (B, T, rot/2)

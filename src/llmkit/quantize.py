@@ -42,6 +42,7 @@ DEFAULT_INT4_GROUP = 32
 # for a float path would need a second, unpacked copy of the weights; the int4 kernel is within
 # ~25% of float32 at 512 rows, so int4 always uses its kernel.
 FLOAT_PATH_ROWS = 256
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 
 class QuantizationError(LLMKitError, ValueError):
@@ -115,12 +116,27 @@ class Int4Linear(nn.Module):
         n, k = w.shape
         g = w.float().reshape(n, k // group_size, group_size)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = _bf16_round(((hi - lo) / 15.0).clamp(min=1e-8))
-        zero = _bf16_round(lo + 8.0 * scale)
-        # quantize against the bf16-rounded scale and zero, so their rounding is partly absorbed
-        q = torch.round((g - zero[..., None]) / scale[..., None] + 8.0).clamp(0, 15).to(torch.int32)
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        return q.reshape(n, k), sz
+        best_err = best_q = best_scale = best_zero = None
+        # Range search: per group, shrink [lo, hi] towards its middle when that lowers the squared
+        # reconstruction error (an outlier then saturates instead of coarsening the other 31 steps).
+        # CLIP_RATIOS is set from measurement; ratio 1.0 alone is the plain min/max grid.
+        for ratio in CLIP_RATIOS:
+            mid, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
+            scale = _bf16_round((2 * half / 15.0).clamp(min=1e-8))
+            zero = _bf16_round(mid - half + 8.0 * scale)
+            # quantize against the bf16-rounded scale and zero, so their rounding is partly absorbed
+            q = torch.round((g - zero[..., None]) / scale[..., None] + 8.0).clamp(0, 15)
+            err = ((q - 8.0) * scale[..., None] + zero[..., None] - g).pow(2).sum(-1)
+            if best_err is None:
+                best_err, best_q, best_scale, best_zero = err, q, scale, zero
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_q = torch.where(better[..., None], q, best_q)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        sz = torch.stack([best_scale, best_zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return best_q.to(torch.int32).reshape(n, k), sz
 
     @classmethod
     @torch.no_grad()

@@ -71,6 +71,14 @@ class Task:
     max_tokens: int = 256
     finish: Callable[..., Any] | None = None
     run: Callable[..., Any] | None = None  # replaces prompt + rule entirely (e.g. embed)
+    stop: Callable[[dict], list[str]] | None = None  # stop strings for these inputs
+
+    def sampling_for(self, inputs: dict, sampling: dict) -> dict:
+        """The sampling settings for one call: the task's defaults, then the caller's."""
+        out = {"max_tokens": self.max_tokens, **sampling}
+        if self.stop is not None and "stop" not in sampling:
+            out["stop"] = self.stop(inputs)
+        return out
 
     def __call__(self, llm, *args: Any, **kwargs: Any) -> Any:
         if self.run is not None:
@@ -85,7 +93,7 @@ class Task:
         inputs = dict(bound.arguments)
         messages = self.prompt(*bound.args, **bound.kwargs)
         if self.rule == "generate":
-            text = generate_batch(llm, [render(llm, messages)], **{"max_tokens": self.max_tokens, **sampling})[0]
+            text = generate_batch(llm, [render(llm, messages)], **self.sampling_for(inputs, sampling))[0]
             return self.finish(text, inputs) if self.finish else text.strip()
         if self.rule == "choose":
             return _choose(llm, messages, inputs.get("labels"))
@@ -136,6 +144,11 @@ def _translate_prompt(text: str, to: str, source: str | None = None) -> Messages
         {"role": "system", "content": f"You translate text{origin} into {target}. Reply with the translation only."},
         {"role": "user", "content": f"Translate into {target}:\n{text}"},
     ]
+
+
+def _one_line(inputs: dict) -> list[str]:
+    # a one-line text gets a one-line translation: small models tend to add commentary after it
+    return [] if "\n" in str(inputs.get("text", "")).strip() else ["\n"]
 
 
 def _translate_finish(text: str, inputs: dict) -> str:
@@ -401,7 +414,7 @@ BUILTIN_TASKS: dict[str, Task] = {
     "summarize": Task("summarize", "Summarize a text in at most max_words words (default 50).",
                       _summarize_prompt, "generate", max_tokens=200, finish=_summarize_finish),
     "translate": Task("translate", "Translate a text into the language `to` (code or name), from `source`.",
-                      _translate_prompt, "generate", max_tokens=256, finish=_translate_finish),
+                      _translate_prompt, "generate", max_tokens=256, finish=_translate_finish, stop=_one_line),
     "classify": Task("classify", "Pick one of `labels` by the model's likelihood of each label.",
                      _classify_prompt, "choose"),
     "extract": Task("extract", "Extract data matching a JSON schema or pydantic model (`schema`).",

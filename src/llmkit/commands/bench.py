@@ -35,8 +35,11 @@ def bench(model: str, quantize: str, compare: str, threads: int | None, repeats:
         raise click.BadParameter(f"unknown peer(s) {unknown}; choose from {', '.join(b.PEERS)}")
     console = Console(stderr=True)
     results = []
-    for engine in ["llmkit", *peers]:
-        if engine != "llmkit" and not b.available(engine):
+    engines = ["llmkit"]
+    if b.available("llama.cpp") and str(path).endswith(".gguf") and quantize == "none":
+        engines.append("llmkit+llama.cpp")  # llmkit's engine on the llama.cpp executor
+    for engine in [*engines, *peers]:
+        if engine in b.PEERS and not b.available(engine):
             console.print(f"skipping {engine}: not installed")
             continue
         console.print(f"running {engine} ({threads} threads) ...")
@@ -46,7 +49,7 @@ def bench(model: str, quantize: str, compare: str, threads: int | None, repeats:
         click.echo(json.dumps(report, indent=2))
         return
     table = Table("metric", *[f"{r['engine']} ({r.get('precision', '?')})" for r in results],
-                  *[f"llmkit vs {p}" for p in report["ratios"]])
+                  *list(report["ratios"]))
     for key, label, _ in b.METRICS:
         cells = [f"{r[key]:.3g}" if key in r else r.get("error", "-")[:40] for r in results]
         rat = [f"{report['ratios'][p].get(key, float('nan')):.2f}x" for p in report["ratios"]]

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": dict(architecture="llama", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                       num_kv_heads=4, tie_embeddings=True, norm_eps=1e-5, rope_theta=10000.0),
-        "train": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=50, max_steps=1000, weight_decay=0.1,
+        "train": dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=50, max_steps=800, weight_decay=0.1,
                       eval_interval=100, eval_batches=16, checkpoint_interval=100),
     },
     # ~20M parameters (with a 16k vocabulary): for a GPU or an afternoon on a laptop
