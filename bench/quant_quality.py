@@ -3,7 +3,7 @@ text the project wrote itself (src/llmkit/data/heldout.txt), and one-stream deco
 
     OMP_NUM_THREADS=1 python bench/quant_quality.py            # table, 1 thread
     OMP_NUM_THREADS=2 python bench/quant_quality.py --threads 2
-    python bench/quant_quality.py --no-head                     # leave lm_head float
+    python bench/quant_quality.py --head float                  # or int8 / int4 (default: int8)
     python bench/quant_quality.py --kernels                     # per-matrix kernel vs float32 timings
 
 Perplexity: sliding windows of --window tokens with stride --stride over ``LLM.logits``; each
@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-head", action="store_true", help="leave lm_head float")
+    ap.add_argument("--head", choices=["default", "float", "int8", "int4"], default="default",
+                    help="lm_head: the library's default (int8), float, int8 or int4")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="only the per-matrix kernel timings")
     args = ap.parse_args()
@@ -120,7 +121,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         llm = llmkit.load(path)
         ids = llm.tokenizer.encode(text, add_special_tokens=True)
-        quantize_model(llm.model, mode, head=not args.no_head)
+        head = {"default": True, "float": False}.get(args.head, args.head)
+        quantize_model(llm.model, mode, head=head)
         # int8 from FLOAT_PATH_ROWS rows on runs prefill as float32 x dequantized weights; score
         # with the kernel too (bf16 activations), which is what decode runs
         variants = [("", None)]
@@ -143,12 +145,13 @@ def main() -> None:
                     if isinstance(m, Int8Linear):
                         m.float_path_rows = 256
             rows.append([mode + suffix, ppl, agree, ppl_s])
+            print(*rows[-1], flush=True)
         speed = None if args.no_speed else decode_rate(llm, args.repeats)
         rows[-1].append(speed)
         del llm
     base = rows[0][1]
     print(f"held-out text: {len(ids)} tokens; window {args.window}, stride {args.stride}; "
-          f"threads {torch.get_num_threads()}; lm_head {'float' if args.no_head else 'quantized'}")
+          f"threads {torch.get_num_threads()}; lm_head {args.head}")
     print(f"{'mode':22s} {'perplexity':>10s} {'vs f32':>8s} {'top1 agree':>10s} {'ppl time s':>10s} {'decode tok/s':>12s}")
     for r in rows:
         mode, ppl, agree, ppl_s = r[:4]

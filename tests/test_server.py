@@ -374,7 +374,7 @@ def test_api_key(tiny):
 
 def test_a_full_queue_answers_429_with_retry_after(tiny, slow):
     app = create_app(slow, config=ServerConfig(model_name=MODEL, max_batch=1, max_queue=1))
-    body = {"model": MODEL, "prompt": "Paris", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": "Paris", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with running_server(app) as base:
         with httpx.Client(base_url=base, timeout=60) as h:
@@ -482,7 +482,8 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(slow):
             with httpx.Client(base_url=base, timeout=60) as h:
                 if stream:
                     with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-                        next(line for line in r.iter_lines() if line.startswith("data:"))
+                        lines = r.iter_lines()  # (dropping this iterator would close the response)
+                        assert next(lines).startswith("data:")
                         assert metric(base, "llmkit:num_requests_running") == 1
                 else:
                     with pytest.raises(httpx.ReadTimeout):

@@ -10,6 +10,7 @@ import torch
 from llmkit.engine import Engine, Request
 from llmkit.errors import ContextLengthError, LLMKitError, ModelNotFoundError
 from llmkit.sampling import SamplingParams
+from llmkit.tasks import TaskMixin
 
 Messages = Sequence[dict[str, Any]]
 
@@ -79,7 +80,7 @@ def _load_llamacpp(name: str, path: Path, read_model, quantize: str | None, max_
                executor=executor, read_model=read_model)
 
 
-class LLM:
+class LLM(TaskMixin):
     """A loaded model with its tokenizer. Sampling settings are keyword arguments
     (see ``llmkit.sampling.SamplingParams``): max_tokens, temperature, top_k, top_p, min_p,
     repetition_penalty, presence_penalty, frequency_penalty, seed, stop, ignore_eos, ..."""
@@ -163,6 +164,12 @@ class LLM:
                     yield event.text
 
         return pieces()
+
+    def explain(self, text: str, **kwargs: Any):
+        """Per-token probability, rank, top alternatives, entropy and attention (``llmkit.explain``)."""
+        from llmkit.explain import explain
+
+        return explain(self, text, **kwargs)
 
     def save(self, folder: str | Path) -> Path:
         """Save as a Hugging Face folder (safetensors) that llmkit and transformers both load."""

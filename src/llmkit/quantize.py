@@ -42,7 +42,8 @@ DEFAULT_INT4_GROUP = 32
 # for a float path would need a second, unpacked copy of the weights; the int4 kernel is within
 # ~25% of float32 at 512 rows, so int4 always uses its kernel.
 FLOAT_PATH_ROWS = 256
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+CLIP_RATIOS = (1.0,)
+HEAD_MODE = "int8"  # what head=True means, in both modes: see quantize_model
 
 
 class QuantizationError(LLMKitError, ValueError):
@@ -180,7 +181,8 @@ def _is_block_linear(name: str, module: nn.Module) -> bool:
 
 
 def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *,
-                   head: bool = True, predicate: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
+                   head: bool | str = True,
+                   predicate: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
     """Quantize the model's linear layers in place and return the model.
 
     mode: "int8" (per-channel), "int4" (group-wise, ``group_size`` 32 by default; one of
@@ -218,16 +220,21 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *
 
     pick = predicate or _is_block_linear
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pick(name, m)]
-    if head and isinstance(getattr(model, "lm_head", None), nn.Linear) and all(n != "lm_head" for n, _ in targets):
+    head_mode = HEAD_MODE if head is True else (head or None)
+    if head_mode not in (None, "int8", "int4"):
+        raise QuantizationError(f"head must be True, False, 'int8' or 'int4', not {head!r}")
+    targets = [(n, m) for n, m in targets if n != "lm_head"]
+    if head_mode and isinstance(getattr(model, "lm_head", None), nn.Linear):
         targets.append(("lm_head", model.lm_head))
 
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}
     for name, linear in targets:
-        if mode == "int8":
+        layer_mode = head_mode if name == "lm_head" else mode
+        if layer_mode == "int8":
             new = Int8Linear.from_linear(linear)
         else:
-            g, reason = int4_group_for(linear, group_size)
+            g, reason = int4_group_for(linear, group_size or DEFAULT_INT4_GROUP)
             if g is None:
                 skipped[name] = reason
                 log.info("int4: %s stays float: %s", name, reason)
@@ -239,6 +246,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *
         parent = model.get_submodule(parent_name) if parent_name else model
         # replacing lm_head unties it from the embedding: the embedding keeps its float weight
         setattr(parent, attr, new)
-    model.quantization = {"mode": mode, "group_size": group_size, "head": head,
+    model.quantization = {"mode": mode, "group_size": group_size, "head": head_mode,
                           "skipped": skipped, "notes": notes}
     return model

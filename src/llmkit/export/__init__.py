@@ -98,20 +98,39 @@ def check_plain_model(model, fmt: str) -> None:
         raise ExportError("cannot export a model whose weights are not loaded (meta device)")
 
 
-def builtin_exporters() -> dict[str, Exporter]:
-    from llmkit.export import gguf, graph, hf
+def _lazy(module: str, function: str) -> Callable[..., Path]:
+    """The exporter function, imported on first call: listing exporters (``llmkit plugins``,
+    ``--help``) must not import torch, onnx or gguf."""
 
+    def run(*args, **kwargs):
+        from importlib import import_module
+
+        return getattr(import_module(module), function)(*args, **kwargs)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
+
+
+# the values --quantize takes, the default first (kept here so that listing them imports nothing)
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+HF_DTYPES = ["f32", "f16", "bf16"]
+
+
+def builtin_exporters() -> dict[str, Exporter]:
+    gguf = _lazy("llmkit.export.gguf", "export_gguf")
+    hf = _lazy("llmkit.export.hf", "export_hf")
+    onnx = _lazy("llmkit.export.graph", "export_onnx")
+    pt2 = _lazy("llmkit.export.graph", "export_pt2")
     return {
-        "gguf": Exporter("gguf", gguf.export_gguf, "GGUF file for llama.cpp, Ollama, LM Studio (tokenizer and "
-                         "chat template included)", quantize=list(gguf.QUANT_TYPES), suffix=".gguf"),
-        "hf": Exporter("hf", hf.export_hf, "Hugging Face folder (config.json, safetensors, tokenizer) for "
-                       "transformers", quantize=list(hf.DTYPES)),
-        "onnx": Exporter("onnx", graph.export_onnx, "ONNX graph with the KV cache as inputs and outputs, for "
-                         "onnxruntime (folder: model.onnx, tokenizer, export.json)"),
-        "pt2": Exporter("pt2", graph.export_pt2, "torch.export program with the KV cache as inputs and outputs; "
-                        "runs with torch alone (folder: model.pt2, tokenizer, export.json)"),
+        "gguf": Exporter("gguf", gguf, "GGUF file for llama.cpp, Ollama, LM Studio (tokenizer and chat template "
+                         "included)", quantize=list(GGUF_TYPES), suffix=".gguf"),
+        "hf": Exporter("hf", hf, "Hugging Face folder (config.json, safetensors, tokenizer) for transformers",
+                       quantize=list(HF_DTYPES)),
+        "onnx": Exporter("onnx", onnx, "ONNX graph with the KV cache as inputs and outputs, for onnxruntime "
+                         "(folder: model.onnx, tokenizer, export.json)"),
+        "pt2": Exporter("pt2", pt2, "torch.export program with the KV cache as inputs and outputs; runs with "
+                        "torch alone (folder: model.pt2, tokenizer, export.json)"),
         # TorchScript is deprecated in PyTorch; its successor is torch.export. The name users know
         # leads to the same program.
-        "torchscript": Exporter("torchscript", graph.export_pt2, "alias of pt2 (torch.export, the successor "
-                                "of TorchScript)"),
+        "torchscript": Exporter("torchscript", pt2, "alias of pt2 (torch.export, the successor of TorchScript)"),
     }

@@ -483,18 +483,24 @@ class _Run:
 
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         remaining = len(self.handles)
+        checked = time.perf_counter()
         try:
             while remaining:
-                left = self.deadline - time.perf_counter()
+                now = time.perf_counter()
+                left = self.deadline - now
                 if left <= 0:
                     raise APIError(504, f"The request took longer than the server's time limit of "
                                         f"{self.timeout:g} s; ask for fewer tokens, or retry when the server is "
                                         "less busy.", code="timeout")
+                # A streamed response notices a disconnect itself (Starlette cancels this task); a
+                # whole-answer one asks now and then, so that a client gone away frees its slots.
+                if self.poll_disconnect and now - checked > 0.25:
+                    checked = now
+                    if await self.request.is_disconnected():
+                        raise _ClientGone()
                 try:
-                    i, event, at = await asyncio.wait_for(self.queue.get(), timeout=min(left, 0.5))
+                    i, event, at = await asyncio.wait_for(self.queue.get(), timeout=min(left, 0.25))
                 except asyncio.TimeoutError:
-                    if self.poll_disconnect and await self.request.is_disconnected():
-                        raise _ClientGone() from None
                     continue
                 self._observe(i, event, at)
                 if event.finish_reason is not None:
@@ -504,7 +510,11 @@ class _Run:
                                    code="internal_error")
                 yield i, event
         finally:
-            self.cancel()
+            for i, h in enumerate(self.handles):
+                if not h.done:  # abandoned: the client left, the time limit passed, or an error
+                    h.cancel()
+                    self.metrics.finished("cancelled")
+                    self.metrics.e2e.observe(time.perf_counter() - self.arrival)
 
     def _observe(self, i: int, event, at: float) -> None:
         m = self.metrics

@@ -1,0 +1,161 @@
+"""The server over the real default model (SmolLM2-135M-Instruct): a real answer, JSON-schema output,
+the chat page in headless Chromium, and `llmkit serve` draining requests in flight on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+from test_server import client, free_port, running_server
+
+from llmkit.server import ServerConfig, create_app
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def url(smollm2):
+    app = create_app(smollm2, config=ServerConfig(model_name="smollm2-135m-instruct", default_max_tokens=64))
+    with running_server(app) as base:
+        yield base
+
+
+def test_a_real_answer_equals_the_librarys(url, smollm2):
+    r = client(url).chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, max_tokens=20,
+                                            temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].message.content == smollm2.chat(QUESTION, max_tokens=20, temperature=0)
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_json_schema_output_from_the_real_model_validates(url):
+    schema = {"type": "object", "properties": {"country": {"type": "string", "maxLength": 30},
+                                               "capital": {"type": "string", "maxLength": 30},
+                                               "population_millions": {"type": "number"}},
+              "required": ["country", "capital", "population_millions"], "additionalProperties": False}
+    r = client(url).chat.completions.create(
+        model="smollm2-135m-instruct", max_tokens=80, temperature=0,
+        messages=[{"role": "user", "content": "Describe France's capital as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    jsonschema.validate(value, schema)
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_the_chat_page_streams_an_answer_in_a_browser(url, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.goto(url + "/")
+            expect(page.locator("#status")).to_have_text("ready", timeout=10_000)
+            expect(page.locator("#model")).to_contain_text("smollm2-135m-instruct")
+            page.locator("#temperature").fill("0")
+            page.locator("#max-tokens").fill("40")
+            page.locator("#input").fill("What is the capital of France?")
+            page.locator("#input").press("Enter")
+            answer = page.locator(".msg.assistant").first
+            # streamed: the answer shows tokens while it is still being generated
+            expect(answer).to_have_class("msg assistant streaming", timeout=10_000)
+            expect(answer.locator(".tok").first).to_be_visible(timeout=20_000)
+            partial = answer.locator(".content").inner_text()
+            expect(answer.locator(".meta")).to_be_visible(timeout=60_000)
+            final = answer.locator(".content").inner_text()
+            assert "Paris" in final and len(final) >= len(partial)
+            assert page.locator(".msg.user").inner_text() == "What is the capital of France?"
+            # each token's probability shows on hover
+            answer.locator(".tok").nth(3).hover()
+            expect(page.locator("#tip")).to_be_visible()
+            assert "p = " in page.locator("#tip").inner_text()
+            shot = tmp_path / "chat-page.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            # the conversation is kept: a second turn sends both
+            page.locator("#input").fill("And of Germany?")
+            page.locator("#input").press("Enter")
+            expect(page.locator(".msg.assistant .meta")).to_have_count(2, timeout=60_000)
+            assert page.locator(".msg.user").count() == 2
+            page.screenshot(path=str(tmp_path / "chat-page-2.png"))
+            print(f"screenshots in {tmp_path}")
+        finally:
+            browser.close()
+
+
+def test_serve_drains_requests_in_flight_on_sigterm(smollm2_gguf, tmp_path):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMKIT_PLUGINS": ""}
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit.cli", "serve", "-m", str(smollm2_gguf), "--port", str(port),
+                             "--drain-timeout", "30", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server did not become ready"
+            try:
+                if httpx.get(base + "/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        result: dict = {}
+        first = threading.Event()
+
+        def stream():
+            body = {"messages": QUESTION, "max_tokens": 30, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+                lines = []
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        lines.append(line[5:].strip())
+                        first.set()
+                result["lines"] = lines
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.TransportError):  # no new connections once draining
+            httpx.get(base + "/ready", timeout=2)
+        reader.join(60)
+        lines = result["lines"]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(x) for x in lines[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == 30  # the request in flight finished in full
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_serve_refuses_an_unknown_model_before_binding():
+    r = subprocess.run([sys.executable, "-m", "llmkit.cli", "serve", "-m", "/no/such/model.gguf", "--port",
+                        str(free_port())], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr
