@@ -67,25 +67,20 @@ def save_hf(model: torch.nn.Module, tokenizer, folder: str | Path, *, dtype: tor
     """Write ``model`` and ``tokenizer`` as an HF-format folder (config.json, model.safetensors,
     tokenizer files, generation_config.json) that both llmkit and ``transformers`` load.
 
-    Written into a temporary sibling folder first and renamed into place, so a failure never
-    leaves a half-written model behind.
+    Written into a temporary sibling folder and renamed into place (``atomic_dir``), so a
+    failure never leaves a half-written model behind.
     """
-    import os
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
     from llmkit.formats.archs import get_architecture
+    from llmkit.fsutil import atomic_dir
 
     config = model.config
     arch = get_architecture(config.architecture)
     if arch.config_to_hf is None or arch.weights_to_hf is None:
         raise UnsupportedArchitectureError(f"architecture {config.architecture!r} cannot be saved in HF format")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         state = {k: v.detach() for k, v in model.state_dict().items()}
         weights = {name: t.to(dtype).contiguous().cpu() for name, t in arch.weights_to_hf(config, iter(state.items()))}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -94,14 +89,4 @@ def save_hf(model: torch.nn.Module, tokenizer, folder: str | Path, *, dtype: tor
         generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / "x")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
