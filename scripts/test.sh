@@ -3,4 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# The chat-page test drives Debian's chromium through Playwright (never a browser Playwright downloads).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo="sudo -n"
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; } \
+        || echo "note: could not install chromium; the chat-page browser test will be skipped" >&2
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -495,3 +495,65 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(slow):
         assert metric(base, "llmkit:request_success_total", finished_reason="abort") == 2
         assert metric(base, "llmkit:generation_tokens_total") < 100
         assert slow.engine.num_running == 0  # (the library's own engine was never used)
+
+
+def test_plugin_middleware_and_routes(tiny):
+    from types import SimpleNamespace
+
+    from llmkit import plugins
+    from llmkit.errors import LLMKitError
+
+    class Shout:
+        def on_request(self, body):
+            if "darn" in json.dumps(body):
+                raise LLMKitError("Please keep it polite.")
+            return {**body, "prompt": body["prompt"].replace("SECRET", "Paris")} if "prompt" in body else body
+
+        def on_response(self, body):
+            choices = [{**c, "text": c["text"].upper()} if "text" in c else c for c in body.get("choices", [])]
+            return {**body, "choices": choices}
+
+    class Plugin:
+        @plugins.hookimpl
+        def register_middleware(self, register):
+            register("shout", Shout())
+
+        @plugins.hookimpl
+        def register_routes(self, register):
+            register("echo", SimpleNamespace(method="POST", path="/v1/echo", handler=lambda body: {"got": body}))
+            register("shadow", SimpleNamespace(method="GET", path="/health", handler=lambda body: {"status": "hijacked"}))
+
+    plugins.reset()
+    plugins.manager().register(Plugin(), name="test-server-plugin")
+    try:
+        app = create_app(tiny, config=ServerConfig(model_name=MODEL))
+    finally:
+        plugins.reset()
+    with running_server(app) as base:
+        oai = client(base)
+        r = oai.completions.create(model=MODEL, prompt="SECRET is the", max_tokens=6, temperature=0)
+        assert r.choices[0].text == tiny.generate("Paris is the", max_tokens=6, temperature=0).upper()
+        streamed = list(oai.completions.create(model=MODEL, prompt="SECRET is the", max_tokens=6, temperature=0,
+                                               stream=True))
+        assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "darn"}], max_tokens=2)
+        assert "polite" in err.value.message
+        assert httpx.post(base + "/v1/echo", json={"a": 1}).json() == {"got": {"a": 1}}
+        assert httpx.get(base + "/health").json() == {"status": "ok"}  # built-in routes win
+        # tokenize is not a generation request: middleware does not touch it
+        ids = httpx.post(base + "/tokenize", json={"prompt": "SECRET"}).json()["tokens"]
+        assert ids == tiny.tokenizer.encode("SECRET", add_special_tokens=True)
+
+
+def test_the_request_time_limit_cancels_and_answers_504(slow):
+    app = create_app(slow, config=ServerConfig(model_name=MODEL, request_timeout=0.4))
+    body = {"model": MODEL, "prompt": "Paris", "max_tokens": 100, "ignore_eos": True}
+    with running_server(app) as base:
+        assert_error(httpx.post(base + "/v1/completions", json=body), 504, "timeout")
+        with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}) as r:
+            events = [x[5:].strip() for x in r.iter_lines() if x.startswith("data:")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+        time.sleep(0.1)
+        assert metric(base, "llmkit:num_requests_running") == 0
+        assert metric(base, "llmkit:request_success_total", finished_reason="abort") == 2

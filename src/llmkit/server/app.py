@@ -77,13 +77,48 @@ class ServerState:
         self.llm = llm
 
 
-def _middlewares() -> list:
-    """Objects registered through the ``register_middleware`` hook, if this llmkit has it."""
+def _plugged(kind: str) -> list:
+    """What plugins registered through ``register_<kind>`` (middleware, routes), in order."""
     from llmkit import plugins
 
-    if not hasattr(plugins.Specs, "register_middleware"):
+    if not hasattr(plugins.Specs, f"register_{kind}"):
         return []
-    return list(plugins.registry("middleware").values())
+    return list(plugins.registry(kind).values())
+
+
+def _refused(exc: LLMKitError) -> APIError:
+    return APIError(400, str(exc), code="rejected")
+
+
+def _add_plugin_routes(app: FastAPI, routes: list) -> None:
+    """Routes from the ``register_routes`` hook: ``handler(body: dict) -> dict``, run in a worker
+    thread (a plugin may block). Added after the built-in routes, which therefore win."""
+    taken = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) or ()}
+    for route in routes:
+        method, path = str(route.method).upper(), str(route.path)
+        if (method, path) in taken:
+            log.warning("plugin route %s %s ignored: a built-in route has that method and path", method, path)
+            continue
+        taken.add((method, path))
+
+        async def endpoint(request: Request, _handler=route.handler, _method=method):
+            body: Any = {}
+            if _method not in ("GET", "HEAD", "DELETE"):
+                raw = await request.body()
+                try:
+                    body = json.loads(raw) if raw.strip() else {}
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+                if not isinstance(body, dict):
+                    raise bad_request("The body must be a JSON object.", code="invalid_json")
+            try:
+                out = await asyncio.to_thread(_handler, body)
+            except LLMKitError as exc:
+                raise _refused(exc) from None
+            return JSONResponse(out)
+
+        app.add_api_route(path, endpoint, methods=[method], summary=f"(plugin) {method} {path}",
+                          name=f"plugin:{path}")
 
 
 def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable[[], Any] | None = None,
@@ -95,7 +130,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
     if llm is not None:
         state.attach(llm)
     metrics = Metrics(lambda: state.engine)
-    middlewares = _middlewares()
+    middlewares = _plugged("middleware")
 
     def load() -> None:
         try:
@@ -147,7 +182,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
         raise APIError(404, f"The model {name!r} is not served here; this server runs {config.model_name!r} "
                             "(GET /v1/models).", param="model", code="model_not_found")
 
-    async def parse(request: Request, model: type[BaseModel]):
+    async def parse(request: Request, model: type[BaseModel], generation: bool = False):
         raw = await request.body()
         try:
             data = json.loads(raw)
@@ -155,18 +190,26 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
             raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise bad_request("The body must be a JSON object.", code="invalid_json")
-        for m in middlewares:
-            if hasattr(m, "on_request"):
-                data = m.on_request(data)
+        if generation:  # plugins' middleware sees the body before the model does
+            for m in middlewares:
+                if hasattr(m, "on_request"):
+                    try:
+                        data = m.on_request(data)
+                    except LLMKitError as exc:
+                        raise _refused(exc) from None
+                    if not isinstance(data, dict):
+                        raise APIError(500, f"middleware {type(m).__name__}.on_request returned "
+                                            f"{type(data).__name__}, not a dict", code="internal_error")
         try:
             return model.model_validate(data)
         except ValidationError as exc:
             raise errors.validation_error(exc.errors(include_url=False)) from None
 
     def answer(body: dict) -> JSONResponse:
-        for m in middlewares:
-            if hasattr(m, "on_response"):
-                body = m.on_response(body)
+        try:
+            body = _on_response(middlewares, body)
+        except LLMKitError as exc:
+            raise _refused(exc) from None
         return JSONResponse(body)
 
     # ------------------------------------------------------------------ routes
@@ -232,7 +275,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
                          503: {"model": schemas.ErrorResponse}})
     async def chat_completions(request: Request):
         arrival = time.perf_counter()
-        req = await parse(request, schemas.ChatCompletionRequest)
+        req = await parse(request, schemas.ChatCompletionRequest, generation=True)
         llm, engine = need_model()
         check_model(req.model)
         ids = _chat_ids(llm.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message)
@@ -258,7 +301,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
                          429: {"model": schemas.ErrorResponse}, 503: {"model": schemas.ErrorResponse}})
     async def completions(request: Request):
         arrival = time.perf_counter()
-        req = await parse(request, schemas.CompletionRequest)
+        req = await parse(request, schemas.CompletionRequest, generation=True)
         llm, engine = need_model()
         check_model(req.model)
         if req.suffix:
@@ -286,6 +329,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
             await gen.collect(run)
         return answer(gen.completion_body(k is not None))
 
+    _add_plugin_routes(app, _plugged("routes"))
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -731,13 +775,21 @@ def _reason(reason: str | None) -> str | None:
     return "abort" if reason == "cancelled" else reason
 
 
+def _on_response(middlewares: list, body: dict) -> dict:
+    for m in middlewares:
+        if hasattr(m, "on_response"):
+            body = m.on_response(body)
+    return body
+
+
 def _sse(chunks: AsyncIterator[dict], middlewares: list) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                for m in middlewares:
-                    if hasattr(m, "on_response"):
-                        chunk = m.on_response(chunk)
+                try:
+                    chunk = _on_response(middlewares, chunk)
+                except LLMKitError as exc:  # refused mid-stream: the error is the last event
+                    raise _refused(exc) from None
                 yield b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
         except APIError as exc:  # the response has started: the error goes into the stream
             yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/zorp")
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--test", type=int, default=50)
-    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
