@@ -25,7 +25,7 @@ import torch
 
 import llmkit
 from llmkit import store
-from llmkit.quantize import Int8Linear, quantize_model
+from llmkit.quantize import FLOAT_PATH_ROWS, Int8Linear, quantize_model
 
 HELDOUT = Path(__file__).resolve().parents[1] / "src" / "llmkit" / "data" / "heldout.txt"
 PROMPT = "The history of the small harbour town begins"
@@ -143,7 +143,7 @@ def main() -> None:
             if rows_limit is not None:
                 for m in llm.model.modules():
                     if isinstance(m, Int8Linear):
-                        m.float_path_rows = 256
+                        m.float_path_rows = FLOAT_PATH_ROWS
             rows.append([mode + suffix, ppl, agree, ppl_s])
             print(*rows[-1], flush=True)
         speed = None if args.no_speed else decode_rate(llm, args.repeats)

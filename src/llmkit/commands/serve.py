@@ -21,7 +21,7 @@ from llmkit.cli import friendly_errors, model_option
               help="Requests decoded together in one step.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0, None),
               help="Requests that may wait for a slot; beyond it clients get 429 with Retry-After.")
-@click.option("--default-max-tokens", default=1024, show_default=True, type=click.IntRange(1, None),
+@click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1, None),
               help="Tokens generated when a request does not say (never past the context).")
 @click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds a request may take, waiting included; then it is cancelled.")

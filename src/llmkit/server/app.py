@@ -27,7 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from llmkit.errors import ContextLengthError, LLMKitError
+from llmkit.errors import LLMKitError
 from llmkit.server import errors, schemas
 from llmkit.server.auth import Guard
 from llmkit.server.errors import APIError, bad_request
@@ -47,7 +47,9 @@ class ServerConfig:
     api_key: str | None = None
     max_batch: int = 16  # requests decoded together
     max_queue: int | None = 256  # requests waiting for a slot; more get 429
-    default_max_tokens: int = 1024  # when a request gives no max_tokens (and the context allows it)
+    # When a request gives no max_tokens (and the context allows it). The engine sizes its KV cache
+    # for prompt + max_tokens and never shrinks it, and a longer cache slows every decode step.
+    default_max_tokens: int = 512
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout: float = 30.0  # on shutdown: how long requests in flight may take to finish
