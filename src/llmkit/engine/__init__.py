@@ -187,7 +187,9 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise QueueFullError("the engine is shutting down and takes no new requests")
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            # requests that free slots will take at the next step are not waiting in line
+            queued = len(self._waiting) - len(self._free_slots)
+            if self.max_queue is not None and queued >= self.max_queue:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are already waiting (the limit is {self.max_queue}); "
                     "retry in a moment"
@@ -287,13 +289,17 @@ class Engine:
                 live = self._waiting.popleft()
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
-                self.executor.reserve(len(live.request.prompt_ids) + live.request.params.max_tokens)
+                self.executor.fit(max(len(s.request.prompt_ids) + s.request.params.max_tokens
+                                      for s in self._running))
         self._running.sort(key=lambda s: s.slot)
 
     def _finish(self, live: _Live, event: Event) -> None:
         if live in self._running:
             self._running.remove(live)
             self.executor.release(live.slot)
+            # let the cache shrink back once long requests are gone: every decode step pays for its length
+            self.executor.fit(max((len(s.request.prompt_ids) + s.request.params.max_tokens for s in self._running),
+                                  default=0))
             with self._lock:
                 self._free_slots.append(live.slot)
                 self._free_slots.sort()
@@ -316,6 +322,13 @@ class Engine:
             self._advance(s, row)
 
     def _advance(self, live: _Live, logits: torch.Tensor) -> None:
+        """Sample the next token; an error here (a logits processor, say) fails this request only."""
+        try:
+            self._sample_and_emit(live, logits)
+        except Exception as exc:
+            self._finish(live, Event(live.handle.id, None, "", "error", error=exc))
+
+    def _sample_and_emit(self, live: _Live, logits: torch.Tensor) -> None:
         """Sample one token for a request and emit it with the text that became final."""
         p = live.request.params
         logits = logits.float()

@@ -17,8 +17,9 @@ class Executor(Protocol):
     vocab_size: int
     context_length: int
 
-    def reserve(self, length: int) -> None:
-        """Make sure every slot can hold ``length`` positions."""
+    def fit(self, length: int) -> None:
+        """Size the cache so every slot holds ``length`` positions (the longest running request's
+        need): grow when a request needs more, shrink when the long ones are gone."""
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Write ``ids`` at positions start.. of ``slot``; return the last position's logits [V]."""
@@ -47,16 +48,23 @@ class TorchExecutor:
         self.device = next(model.parameters()).device
         self.cache = None
 
-    def reserve(self, length: int) -> None:
+    def fit(self, length: int) -> None:
         old = self.cache
-        if old is not None and old.max_len >= length:
+        if length == 0:
+            self.cache = None  # idle: give the memory back
             return
         # Length buckets: a cache sized to what requests need, not the whole context (a
         # 1024-long cache costs ~4 ms/token more than a 256-long one here, and memory).
-        new = self.model.new_cache(self.max_batch, _bucket(length, self.context_length))
+        size = _bucket(length, self.context_length)
+        if old is not None and old.max_len == size:
+            return
+        if old is not None and size < old.max_len < 2 * size:
+            return  # shrink only by at least half, so sizes do not flap
+        new = self.model.new_cache(self.max_batch, size)
         if old is not None:  # keep what running requests already have in their slots
-            new.k[:, :, : old.max_len] = old.k
-            new.v[:, :, : old.max_len] = old.v
+            keep = min(size, old.max_len)
+            new.k[:, :, :keep] = old.k[:, :, :keep]
+            new.v[:, :, :keep] = old.v[:, :, :keep]
         self.cache = new
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
