@@ -70,7 +70,6 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
     prefill = _median_time(lambda: llm.generate_ids(prompt, max_tokens=1, temperature=0), repeats)
 
     def decode_one() -> float:
-        t = time.perf_counter()
         stream = llm.engine.run([Request(short, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))])
         first = None
         for e in stream:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 

@@ -12,6 +12,7 @@ Optional: ``pip install llmkit[llamacpp]`` (it compiles llama.cpp).
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 
@@ -25,6 +26,17 @@ class LlamaCppError(LLMKitError):
     """llama.cpp is missing or failed."""
 
 
+_LOG_SINK = None
+
+
+def _silence(L) -> None:
+    """Send llama.cpp's own log lines (hundreds per load) nowhere; errors reach us as return codes."""
+    global _LOG_SINK
+    if _LOG_SINK is None:
+        _LOG_SINK = L.llama_log_callback(lambda level, text, user_data: None)  # kept alive here
+        L.llama_log_set(_LOG_SINK, None)
+
+
 class LlamaCppExecutor:
     def __init__(self, gguf_path: str | Path, max_batch: int, context_length: int,
                  n_threads: int | None = None, kv_cells: int = 8192, chunk: int = 512):
@@ -36,6 +48,7 @@ class LlamaCppExecutor:
                 "(it compiles llama.cpp, about 13 minutes on 2 cores)"
             ) from None
         self.L = L
+        _silence(L)
         L.llama_backend_init()
         model_params = L.llama_model_default_params()
         self._model = L.llama_model_load_from_file(str(gguf_path).encode(), model_params)
@@ -53,6 +66,7 @@ class LlamaCppExecutor:
             raise LlamaCppError("llama.cpp could not create a context")
         self._batch = L.llama_batch_init(params.n_batch, 0, 1)
         self._capacity = params.n_batch
+        atexit.register(self.close)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
         self.context_length = min(context_length, params.n_ctx)
         self.kv_cells = params.n_ctx
@@ -95,10 +109,18 @@ class LlamaCppExecutor:
     def release(self, slot: int) -> None:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self._ctx), slot, -1, -1)
 
+    def close(self) -> None:
+        """Free llama.cpp's context and model. Runs at interpreter exit at the latest: freeing them
+        during Python's own teardown instead aborts the process (ggml's threads outlive it)."""
+        if self._ctx is None:
+            return
+        self.L.llama_batch_free(self._batch)
+        self.L.llama_free(self._ctx)
+        self.L.llama_model_free(self._model)
+        self._ctx = self._model = None
+
     def __del__(self):
         try:
-            self.L.llama_batch_free(self._batch)
-            self.L.llama_free(self._ctx)
-            self.L.llama_model_free(self._model)
+            self.close()
         except Exception:
             pass

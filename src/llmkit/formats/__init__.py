@@ -36,6 +36,10 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
 
         return read_gguf(path, dtype, device)
     if path.is_dir():
+        from llmkit.train.lora import is_adapter, read_adapter
+
+        if is_adapter(path):  # a LoRA adapter folder: its base model with the adapter merged in
+            return read_adapter(path, dtype, device)
         ggufs = sorted(path.glob("*.gguf"))
         if (path / "config.json").exists():
             from llmkit.formats.hf import read_hf

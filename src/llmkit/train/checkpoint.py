@@ -14,12 +14,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmkit.fsutil import atomic_dir
 from llmkit.train.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -74,24 +74,10 @@ def save_checkpoint(folder: str | Path, step: int, weights: dict[str, torch.Tens
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=folder))
-    try:
+    with atomic_dir(final, durable=True) as tmp:  # the same step written again (a resume) is replaced whole
         save_file(unique_tensors(weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "complete": True}, indent=2) + "\n")
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        if final.exists():  # the same step written again (a resumed run): replace it whole
-            old = Path(tempfile.mkdtemp(prefix=".old.", dir=folder))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_atomic(folder / "latest", final.name + "\n")
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

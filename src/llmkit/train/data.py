@@ -19,14 +19,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from llmkit.fsutil import atomic_dir
 from llmkit.train.clean import NearDuplicates, exact_key, html_to_text, normalize
 from llmkit.train.errors import DataError
 
@@ -252,20 +251,9 @@ def prepare(inputs: Iterable[str | Path] = (), out: str | Path = "data", *, toke
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
         raise DataError(f"{out} exists and is not a prepared data folder: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         meta = _prepare(files, tmp, tokenizer, vocab_size, val_fraction, min_chars, near_duplicates, demo,
                         shard_tokens, progress, log, tqdm)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
