@@ -114,7 +114,7 @@ def test_gguf_f32_reads_back_with_the_same_logits_and_tokenizer(tiny, tmp_path, 
     assert (tok2.bos_token_id, tok2.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
     meta = GGUFFile(path).metadata
     assert meta["general.architecture"] == arch and meta["general.file_type"] == 0
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

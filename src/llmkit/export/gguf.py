@@ -161,7 +161,8 @@ def _byte_level_pre_candidates(state: dict) -> list[str]:
         first.append("qwen2")
     if "Lu}\\\\p{Lt}" in text or "p{Lu}\\p{Lt}" in text:
         first.append("gpt-4o")
-    rest = ["gpt2", "smollm", "llama-bpe", "qwen2", "gpt-4o"]
+    # "gpt-2", not "gpt2": the spelling llama.cpp accepts for GPT-2's split (it refuses "gpt2")
+    rest = ["gpt-2", "smollm", "llama-bpe", "qwen2", "gpt-4o"]
     return first + [n for n in rest if n not in first]
 
 
