@@ -36,7 +36,7 @@ def bench(model: str, quantize: str, compare: str, threads: int | None, repeats:
     console = Console(stderr=True)
     results = []
     engines = ["llmkit"]
-    if b.available("llama.cpp") and str(path).endswith(".gguf") and quantize == "none":
+    if b.available("llama.cpp") and str(path).endswith(".gguf"):
         engines.append("llmkit+llama.cpp")  # llmkit's engine on the llama.cpp executor
     for engine in [*engines, *peers]:
         if engine in b.PEERS and not b.available(engine):

@@ -289,17 +289,20 @@ class Engine:
                 live = self._waiting.popleft()
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
-                self.executor.fit(max(len(s.request.prompt_ids) + s.request.params.max_tokens
-                                      for s in self._running))
+                self._fit()
         self._running.sort(key=lambda s: s.slot)
+
+    def _fit(self) -> None:
+        """Tell the executor what the running requests need: positions and slots."""
+        need = max((len(s.request.prompt_ids) + s.request.params.max_tokens for s in self._running), default=0)
+        self.executor.fit(need, max((s.slot + 1 for s in self._running), default=0))
 
     def _finish(self, live: _Live, event: Event) -> None:
         if live in self._running:
             self._running.remove(live)
             self.executor.release(live.slot)
             # let the cache shrink back once long requests are gone: every decode step pays for its length
-            self.executor.fit(max((len(s.request.prompt_ids) + s.request.params.max_tokens for s in self._running),
-                                  default=0))
+            self._fit()
             with self._lock:
                 self._free_slots.append(live.slot)
                 self._free_slots.sort()

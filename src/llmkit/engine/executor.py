@@ -17,9 +17,9 @@ class Executor(Protocol):
     vocab_size: int
     context_length: int
 
-    def fit(self, length: int) -> None:
-        """Size the cache so every slot holds ``length`` positions (the longest running request's
-        need): grow when a request needs more, shrink when the long ones are gone."""
+    def fit(self, length: int, slots: int = 1) -> None:
+        """Size the cache for the running requests: ``length`` positions (the longest one's need)
+        in slots 0..``slots``-1. Grow when needed; shrink when the long ones are gone."""
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Write ``ids`` at positions start.. of ``slot``; return the last position's logits [V]."""
@@ -48,23 +48,23 @@ class TorchExecutor:
         self.device = next(model.parameters()).device
         self.cache = None
 
-    def fit(self, length: int) -> None:
+    def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache
         if length == 0:
-            self.cache = None  # idle: give the memory back
-            return
-        # Length buckets: a cache sized to what requests need, not the whole context (a
-        # 1024-long cache costs ~4 ms/token more than a 256-long one here, and memory).
+            return  # idle: keep the cache for the next request (reading is sliced to what is used)
+        # Buckets: powers of two in length (a cache sized to what requests need, not the whole
+        # context) and in slots (the engine hands out the lowest free slots first), so that one
+        # short request does not allocate 16 x the context (hundreds of MB of zeros).
         size = _bucket(length, self.context_length)
-        if old is not None and old.max_len == size:
-            return
-        if old is not None and size < old.max_len < 2 * size:
-            return  # shrink only by at least half, so sizes do not flap
-        new = self.model.new_cache(self.max_batch, size)
+        count = min(self.max_batch, 1 << max(slots - 1, 0).bit_length())
+        if old is not None and old.max_len >= size and old.slots >= count:
+            if not (size < old.max_len // 2 or count < old.slots // 2):
+                return  # shrink only by at least half, so sizes do not flap
+        new = self.model.new_cache(count, size)
         if old is not None:  # keep what running requests already have in their slots
-            keep = min(size, old.max_len)
-            new.k[:, :, :keep] = old.k[:, :, :keep]
-            new.v[:, :, :keep] = old.v[:, :, :keep]
+            keep, n = min(size, old.max_len), min(count, old.slots)
+            new.k[:, :n, :keep] = old.k[:, :n, :keep]
+            new.v[:, :n, :keep] = old.v[:, :n, :keep]
         self.cache = new
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:

@@ -96,7 +96,7 @@ class LlamaCppExecutor:
         rows = [np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i), shape=(self.vocab_size,)) for i in wanted]
         return torch.from_numpy(np.stack(rows).astype(np.float32))
 
-    def fit(self, length: int) -> None:
+    def fit(self, length: int, slots: int = 1) -> None:
         pass  # the context's cells were allocated up front
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
