@@ -36,7 +36,8 @@ def smollm2_gguf() -> Path:
 def smollm2(smollm2_gguf):
     import llmkit
 
-    return llmkit.load(smollm2_gguf)
+    # llmkit's own torch model: the parity tests compare its arithmetic with transformers'
+    return llmkit.load(smollm2_gguf, executor="torch")
 
 
 @pytest.fixture(scope="session")

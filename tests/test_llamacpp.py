@@ -42,3 +42,9 @@ def test_batched_requests_and_cancel_on_one_context(cpp):
 def test_llama_cpp_refuses_what_it_cannot_run(tiny_model_dir):
     with pytest.raises(llmkit.LLMKitError, match="GGUF"):
         llmkit.load(tiny_model_dir("llama"), executor="llama.cpp")
+
+
+def test_auto_picks_llama_cpp_for_gguf_on_cpu(smollm2_gguf, tiny_model_dir):
+    assert llmkit.load(smollm2_gguf, max_batch=1).executor_name == "llama.cpp"
+    assert llmkit.load(smollm2_gguf, quantize="int8").executor_name == "torch"
+    assert llmkit.load(tiny_model_dir("llama")).executor_name == "torch"

@@ -185,8 +185,8 @@ PARITY_TEXT = (Path(llmkit.__file__).parent / "data" / "heldout.txt").read_text(
 def test_default_model_top1_agreement(smollm2, smollm2_gguf, mode, threshold):
     ids = smollm2.tokenizer.encode(PARITY_TEXT, add_special_tokens=True)[:200]
     ref = smollm2.logits(ids)  # the shared float model: read, never modified
-    llm = llmkit.load(smollm2_gguf, device="cpu")
-    quantize_model(llm.model, mode)
+    llm = llmkit.load(smollm2_gguf, quantize=mode)
+    assert llm.executor_name == "torch" and llm.quantize == mode
     got = llm.logits(ids)
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     # measured on these 200 tokens: int8 0.955, int4 0.970 (0.93-0.96 / 0.945-0.985 on two other

@@ -31,7 +31,8 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise.
     ``quantize`` ("int8" or "int4") applies weight-only quantization after loading (CPU).
     ``executor``: "torch" runs llmkit's own model; "llama.cpp" runs a GGUF file on llama.cpp
-    (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top; "auto" is torch.
+    (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top; "auto" picks
+    llama.cpp for GGUF files on CPU when it is installed, torch otherwise.
     ``max_batch`` is how many requests the engine decodes together.
     """
     if executor not in EXECUTORS:
@@ -58,11 +59,25 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
             quantize_model(ckpt.model, quantize)
         return ckpt
 
+    if executor == "auto":
+        executor = _auto_executor(Path(path), device, quantize)
     if executor == "llama.cpp":
         return _load_llamacpp(name, Path(path), lambda: read().model, quantize, max_batch)
     ckpt = read()
     return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
                max_batch=max_batch, quantize=quantize)
+
+
+def _auto_executor(path: Path, device: torch.device, quantize: str | None) -> str:
+    """llama.cpp for GGUF files on CPU when it is installed and no torch quantization was asked
+    for: measured here it decodes one stream ~4x faster than llmkit's int4 torch path (about 100
+    vs 25-30 tokens/s for SmolLM2-135M, `llmkit bench`). Everything else runs on torch."""
+    from importlib.util import find_spec
+
+    if path.suffix == ".gguf" and device.type == "cpu" and quantize in (None, "none") \
+            and find_spec("llama_cpp") is not None:
+        return "llama.cpp"
+    return "torch"
 
 
 def _load_llamacpp(name: str, path: Path, read_model, quantize: str | None, max_batch: int) -> "LLM":
