@@ -271,6 +271,24 @@ def test_response_format_json_schema_output_validates(oai):
     assert err.value.body["param"] == "response_format"
 
 
+def test_embeddings_match_the_library(url, oai, tiny):
+    import numpy as np
+
+    from llmkit.tasks import embed
+
+    texts = ["The quick brown fox", "Paris is the capital of France."]
+    got = oai.embeddings.create(model=MODEL, input=texts)
+    assert [d.index for d in got.data] == [0, 1] and got.usage.prompt_tokens > 0
+    vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+    assert np.allclose(vectors, embed(tiny, texts), atol=1e-5)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    one = oai.embeddings.create(model=MODEL, input="The quick brown fox")
+    assert np.allclose(one.data[0].embedding, vectors[0], atol=1e-5)
+    assert httpx.post(url + "/v1/embeddings", json={"input": ""}).status_code == 400
+    assert httpx.post(url + "/v1/embeddings", json={"input": "word " * 500}).json()["error"]["code"] \
+        == "context_length_exceeded"
+
+
 def test_tokenize_and_detokenize(url, tiny):
     r = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Paris is the"}).json()
     assert r["tokens"] == tiny.tokenizer.encode("Paris is the", add_special_tokens=True)

@@ -66,6 +66,7 @@ class LlamaCppExecutor:
             raise LlamaCppError("llama.cpp could not create a context")
         self._batch = L.llama_batch_init(params.n_batch, 0, 1)
         self._capacity = params.n_batch
+        self.max_batch = max_batch  # sequences this context holds
         atexit.register(self.close)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
         self.context_length = min(context_length, params.n_ctx)

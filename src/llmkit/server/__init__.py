@@ -29,12 +29,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: st
     def load():
         import llmkit
 
-        llm = llmkit.load(model, progress=False)
-        if quantize and quantize != "none":
-            from llmkit.quantize import quantize_model
-
-            quantize_model(llm.model, quantize)
-        return llm
+        return llmkit.load(model, quantize=quantize, max_batch=config.max_batch, progress=False)
 
     server: uvicorn.Server | None = None
 

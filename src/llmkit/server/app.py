@@ -74,7 +74,12 @@ class ServerState:
         """Serve this loaded model: a fresh engine over it, with the server's batch and queue bounds."""
         from llmkit.engine import Engine
 
-        self.engine = Engine(llm.model, llm.tokenizer, llm.context_length, max_batch=self.config.max_batch,
+        if llm.executor_name == "torch":  # a torch model can take any batch size
+            runner, batch = llm.model, self.config.max_batch
+        else:  # another executor (llama.cpp) was sized for its sequences when the model loaded
+            runner = llm.engine.executor
+            batch = min(self.config.max_batch, runner.max_batch)
+        self.engine = Engine(runner, llm.tokenizer, llm.context_length, max_batch=batch,
                              max_queue=self.config.max_queue)
         self.llm = llm
 
@@ -265,8 +270,39 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
         req = await parse(request, schemas.DetokenizeRequest)
         llm, _ = need_model()
         check_model(req.model)
-        _check_ids(req.tokens, llm.model.config.vocab_size, "tokens")
+        _check_ids(req.tokens, llm.config.vocab_size, "tokens")
         return {"prompt": llm.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/embeddings", response_model=schemas.EmbeddingList, openapi_extra=_body(schemas.EmbeddingRequest),
+              summary="Embeddings of texts: the model's hidden states, mean-pooled and L2-normalised.")
+    async def embeddings(request: Request):
+        from llmkit.tasks import embed
+
+        req = await parse(request, schemas.EmbeddingRequest)
+        llm, _ = need_model()
+        check_model(req.model)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or any(not t for t in texts):
+            raise bad_request("input must be a non-empty string or a list of non-empty strings.", param="input")
+        counts = [len(llm.tokenizer.encode(t, add_special_tokens=True)) for t in texts]
+        if max(counts) > llm.context_length:
+            raise bad_request(f"An input has {max(counts)} tokens, more than the context size of "
+                              f"{llm.context_length}.", param="input", code="context_length_exceeded")
+
+        def run():
+            with state.echo_lock:  # one forward of the full model at a time, beside the engine
+                return embed(llm, texts)
+
+        vectors = await asyncio.to_thread(run)
+        if req.encoding_format == "base64":  # what the official client asks for by default
+            import base64
+
+            encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            encoded = [v.tolist() for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
+        return {"object": "list", "data": data, "model": config.model_name,
+                "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}}
 
     @app.post("/v1/chat/completions", openapi_extra=_body(schemas.ChatCompletionRequest),
               summary="Chat completion (stream: server-sent ChatCompletionChunk events).",
@@ -374,7 +410,7 @@ def _check_ids(ids: list[int], vocab: int, param: str) -> None:
 
 
 def _completion_prompts(llm, prompt) -> list[list[int]]:
-    vocab = llm.model.config.vocab_size
+    vocab = llm.config.vocab_size
     if isinstance(prompt, str):
         return [llm.tokenizer.encode(prompt, add_special_tokens=True)]
     if not prompt:
@@ -428,7 +464,7 @@ async def _jobs(state: ServerState, req, prompts: list[list[int]], max_tokens: i
         except ImportError:
             raise APIError(400, "response_format json_object/json_schema needs llmkit.constrain, which this "
                                 "installation lacks.", param="response_format") from None
-        return [processor_for_response_format(llm.tokenizer, llm.model.config.vocab_size, rf)
+        return [processor_for_response_format(llm.tokenizer, llm.config.vocab_size, rf)
                 for _ in range(len(prompts) * req.n)]
 
     bases = []

@@ -218,6 +218,32 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = _ALLOW
+    model: Optional[str] = None
+    input: Union[str, list[str]]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Optional[str] = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]  # base64 of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
