@@ -1,7 +1,10 @@
-"""Exception types. Deeper code raises these; the CLI and server turn them into messages and exit codes.
+"""Exception types (and the one JSONL reader whose errors they describe). Deeper code raises these; the CLI and server turn them into messages and exit codes.
 
 Every message says what happened and what to do about it, in the user's words.
 """
+
+
+from typing import Iterator
 
 
 class LLMKitError(Exception):
@@ -30,3 +33,25 @@ class InvalidSamplingError(LLMKitError, ValueError):
 
 class PullError(LLMKitError):
     """A model could not be fetched or verified; the store is left as it was."""
+
+
+class DataError(LLMKitError, ValueError):
+    """A data file (training or evaluation) that cannot be used: the message names the file and line."""
+
+
+def read_jsonl(path) -> "Iterator[tuple[int, dict]]":
+    """(line number, object) for each non-empty line of a JSONL file; a malformed line raises
+    DataError naming the file and the line."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            yield number, row

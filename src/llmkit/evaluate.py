@@ -20,7 +20,6 @@ Data formats (JSON Lines, one object per line):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import DataError, read_jsonl
 
 __all__ = [
     "DataError", "Metric", "EvalRun", "BUILTIN_METRICS", "DATA_DIR", "SHIPPED_DATA",
@@ -51,8 +50,6 @@ SHIPPED_DATA = {
 }
 
 
-class DataError(LLMKitError, ValueError):
-    """An evaluation data file that cannot be used (the message names the file and line)."""
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -84,24 +81,15 @@ def load_records(path: str | Path, fields: Iterable[str] = (), limit: int | None
             raise DataError(f"{path}: the file is empty")
         return [{"text": text}]
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in fields if k not in record or record[k] is None]
-            if missing:
-                raise DataError(f"{path}:{number}: missing field{'s' if len(missing) > 1 else ''} "
-                                f"{', '.join(map(repr, missing))} (each record needs {', '.join(fields)})")
-            record["_line"] = number
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
+    for number, record in read_jsonl(path):
+        missing = [k for k in fields if k not in record or record[k] is None]
+        if missing:
+            raise DataError(f"{path}:{number}: missing field{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(repr, missing))} (each record needs {', '.join(fields)})")
+        record["_line"] = number
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise DataError(f"{path}: no records")
     return records

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from llmkit.errors import read_jsonl  # shared with evaluation
 from llmkit.fsutil import atomic_dir
 from llmkit.train.clean import NearDuplicates, exact_key, html_to_text, normalize
 from llmkit.train.errors import DataError
@@ -56,21 +57,6 @@ def _files(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             raise DataError(f"{path} does not exist")
     return files
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; a malformed line is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            yield number, row
 
 
 def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:

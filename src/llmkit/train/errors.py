@@ -1,10 +1,6 @@
 """Training errors: each says what is wrong and what to do, in the user's words."""
 
-from llmkit.errors import LLMKitError
-
-
-class DataError(LLMKitError, ValueError):
-    """Bad training data: a malformed line, an unknown format, too little data, a sequence too long."""
+from llmkit.errors import DataError, LLMKitError  # noqa: F401  (DataError: bad training data too)
 
 
 class CheckpointError(LLMKitError):

@@ -15,7 +15,7 @@ import torch
 from llmkit.config import ModelConfig
 from llmkit.train.data import TokenData
 from llmkit.train.errors import DataError, TrainConfigError
-from llmkit.train.loop import Dist, TrainSettings, setup_distributed, teardown_distributed, token_loss_sum, train
+from llmkit.train.loop import TrainSettings, setup_distributed, teardown_distributed, token_loss_sum, train
 
 # Named sizes. The vocabulary comes from the data folder; the context from seq_len.
 PRESETS: dict[str, dict[str, Any]] = {
