@@ -112,5 +112,23 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     return make
 
 
+@pytest.fixture
+def home(tmp_path) -> Path:
+    """An empty store of its own (LLMKIT_HOME) for one test."""
+    return tmp_path / "llmkit-home"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    import llmkit
+
+    return llmkit.load(tiny_dir)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

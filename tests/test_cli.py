@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from cli_helpers import run_llmkit
 
-LLMKIT = Path(sys.executable).parent / "llmkit"
 COMMANDS = ["pull", "generate", "chat", "list", "show", "rm"]
 PROMPT = "The quick brown fox"
-
-
-def run_llmkit(*args, home: Path, input: str | None = None, timeout: float = 300):
-    """Run the console script with its own store; stdin is `input`, or empty (never a tty)."""
-    env = dict(os.environ, LLMKIT_HOME=str(home))
-    env.pop("LLMKIT_DEBUG", None)
-    return subprocess.run(
-        [str(LLMKIT), *map(str, args)], input=input if input is not None else "", capture_output=True,
-        text=True, encoding="utf-8", env=env, timeout=timeout,
-    )
 
 
 def ok(result) -> str:
     assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     assert "Traceback" not in result.stderr
     return result.stdout
-
-
-@pytest.fixture
-def home(tmp_path) -> Path:
-    return tmp_path / "llmkit-home"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_dir):
-    import llmkit
-
-    return llmkit.load(tiny_dir)
 
 
 # ------------------------------------------------------------------ help

@@ -7,13 +7,11 @@ the command line and the server turn into messages.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_llmkit
 
 import llmkit
 from llmkit.errors import (
@@ -25,17 +23,7 @@ from llmkit.errors import (
     UnsupportedArchitectureError,
 )
 
-LLMKIT = Path(sys.executable).parent / "llmkit"
 LONG_PROMPT = " ".join(["Paris is the capital of France."] * 40)  # well over 128 tokens
-
-
-def run_llmkit(*args, home: Path, input: str | None = None, timeout: float = 300):
-    env = dict(os.environ, LLMKIT_HOME=str(home))
-    env.pop("LLMKIT_DEBUG", None)
-    return subprocess.run(
-        [str(LLMKIT), *map(str, args)], input=input if input is not None else "", capture_output=True,
-        text=True, encoding="utf-8", env=env, timeout=timeout,
-    )
 
 
 def failed(result, *needles: str) -> str:
@@ -46,21 +34,6 @@ def failed(result, *needles: str) -> str:
     for needle in needles:
         assert needle in result.stderr, f"{needle!r} not in {result.stderr!r}"
     return result.stderr
-
-
-@pytest.fixture
-def home(tmp_path) -> Path:
-    return tmp_path / "llmkit-home"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_dir):
-    return llmkit.load(tiny_dir)
 
 
 def _copy(tiny_dir: Path, dest: Path) -> Path:
