@@ -3,10 +3,11 @@
 A background thread runs the scheduling loop. Each iteration (``step``):
 1. drops cancelled requests and frees their cache slots;
 2. admits waiting requests into free slots (first come, first served);
-3. prefills at most ``prefill_chunk`` prompt tokens of one admitted request, so a long prompt
-   never stalls the running streams for more than one chunk;
+3. prefills at most ``prefill_chunk`` prompt tokens of admitted requests (first come, first
+   served), so a long prompt never stalls the running streams for more than one chunk;
 4. decodes one token for every running request in a single batched forward, each at its own
-   position in its own slot.
+   position in its own slot. An executor with ``forward`` runs 3 and 4 as one pass (llama.cpp
+   takes a batch that mixes prompt chunks and decode tokens), which reads the weights once.
 Requests join and leave between steps. Text comes out incrementally: a UTF-8 character split
 across tokens, and a possible beginning of a stop string, are held back until final.
 
@@ -30,7 +31,7 @@ from llmkit.engine.executor import Executor, TorchExecutor
 from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+PREFILL_CHUNK = 512  # prompt tokens per step, unless the executor prefers another budget
 
 
 class QueueFullError(LLMKitError):
@@ -126,7 +127,7 @@ class _Live:
 
 class Engine:
     def __init__(self, model: "torch.nn.Module | Executor", tokenizer, context_length: int, *,
-                 max_batch: int = 16, max_queue: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 max_batch: int = 16, max_queue: int | None = None, prefill_chunk: int | None = None):
         """``model``: llmkit's Transformer (run by a TorchExecutor) or any Executor."""
         self.executor = TorchExecutor(model, max_batch, context_length) if isinstance(model, torch.nn.Module) \
             else model
@@ -135,7 +136,8 @@ class Engine:
         self.vocab_size = self.executor.vocab_size
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        # prompt tokens per step: the executor's own preference unless the caller says otherwise
+        self.prefill_chunk = prefill_chunk or getattr(self.executor, "prefill_chunk", PREFILL_CHUNK)
         self._waiting: deque[_Live] = deque()
         self._running: list[_Live] = []  # admitted: prefilling or decoding
         self._free_slots: list[int] = list(range(max_batch))
@@ -268,12 +270,31 @@ class Engine:
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()
-        prefilling = [s for s in self._running if s.prefilled < len(s.request.prompt_ids)]
         decoding = [s for s in self._running if s.prefilled == len(s.request.prompt_ids)]
-        if prefilling:
-            self._prefill_chunk(prefilling[0])
-        if decoding:
-            self._decode(decoding)
+        # prompt chunks for this step, first come first served, at most prefill_chunk tokens in all
+        chunks, budget = [], self.prefill_chunk
+        for s in self._running:
+            left = len(s.request.prompt_ids) - s.prefilled
+            if left and budget > 0:
+                chunks.append((s, s.request.prompt_ids[s.prefilled : s.prefilled + min(left, budget)]))
+                budget -= len(chunks[-1][1])
+        if not chunks and not decoding:
+            return
+        if hasattr(self.executor, "forward"):  # one pass over prompt chunks and decode tokens together
+            pre_logits, dec_logits = self.executor.forward(
+                [(s.slot, ids, s.prefilled) for s, ids in chunks],
+                [(s.slot, s.generated[-1], s.position) for s in decoding])
+        else:
+            pre_logits = [self.executor.prefill(s.slot, ids, s.prefilled) for s, ids in chunks]
+            dec_logits = self.executor.decode([s.slot for s in decoding], [s.generated[-1] for s in decoding],
+                                              [s.position for s in decoding]) if decoding else []
+        for (s, ids), logits in zip(chunks, pre_logits):
+            s.prefilled += len(ids)
+            if s.prefilled == len(s.request.prompt_ids):
+                self.prompt_tokens_total += s.prefilled
+                self._advance(s, logits)
+        for s, row in zip(decoding, dec_logits):
+            self._advance(s, row)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -307,22 +328,6 @@ class Engine:
                 self._free_slots.append(live.slot)
                 self._free_slots.sort()
         live.handle._emit(event)
-
-    def _prefill_chunk(self, live: _Live) -> None:
-        ids = live.request.prompt_ids
-        start = live.prefilled
-        chunk = ids[start : start + self.prefill_chunk]
-        logits = self.executor.prefill(live.slot, chunk, start)
-        live.prefilled += len(chunk)
-        if live.prefilled == len(ids):
-            self.prompt_tokens_total += len(ids)
-            self._advance(live, logits)
-
-    def _decode(self, batch: list[_Live]) -> None:
-        logits = self.executor.decode([s.slot for s in batch], [s.generated[-1] for s in batch],
-                                      [s.position for s in batch])
-        for row, s in zip(logits, batch):
-            self._advance(s, row)
 
     def _advance(self, live: _Live, logits: torch.Tensor) -> None:
         """Sample the next token; an error here (a logits processor, say) fails this request only."""

@@ -39,7 +39,7 @@ def _silence(L) -> None:
 
 class LlamaCppExecutor:
     def __init__(self, gguf_path: str | Path, max_batch: int, context_length: int,
-                 n_threads: int | None = None, kv_cells: int = 8192, chunk: int = 512):
+                 n_threads: int | None = None, kv_cells: int = 8192, chunk: int = 128):
         try:
             import llama_cpp as L
         except ImportError:
@@ -57,7 +57,7 @@ class LlamaCppExecutor:
         threads = n_threads or torch.get_num_threads() or os.cpu_count() or 1
         params = L.llama_context_default_params()
         params.n_ctx = min(kv_cells, max_batch * context_length)
-        params.n_batch = params.n_ubatch = max(chunk, max_batch)
+        params.n_batch = params.n_ubatch = chunk + max_batch  # a step: one prompt chunk + decode tokens
         params.n_seq_max = max_batch
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one pool of cells shared by all sequences
@@ -66,6 +66,11 @@ class LlamaCppExecutor:
             raise LlamaCppError("llama.cpp could not create a context")
         self._batch = L.llama_batch_init(params.n_batch, 0, 1)
         self._capacity = params.n_batch
+        # Prompt tokens per engine step. llama.cpp prefills at ~300 tokens/s here, so a 512-token
+        # step stalls every running stream for ~1.7 s; measured with 16 chat clients, 128 keeps
+        # 93% of the throughput of 512 (138 vs 148 tokens/s) at a third of the median time to
+        # first token (0.67 vs 1.93 s).
+        self.prefill_chunk = chunk
         self.max_batch = max_batch  # sequences this context holds
         atexit.register(self.close)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
@@ -103,6 +108,17 @@ class LlamaCppExecutor:
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         last = len(ids) - 1
         return self._run([(t, start + i, slot, i == last) for i, t in enumerate(ids)])[0]
+
+    def forward(self, chunks: list[tuple[int, list[int], int]], decode: list[tuple[int, int, int]]):
+        """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one
+        llama_decode: returns (last-position logits per chunk, logits [B, V] for decode)."""
+        entries = []
+        for slot, ids, start in chunks:
+            last = len(ids) - 1
+            entries += [(t, start + i, slot, i == last) for i, t in enumerate(ids)]
+        entries += [(t, p, s, True) for s, t, p in decode]
+        rows = self._run(entries)
+        return list(rows[: len(chunks)]), rows[len(chunks) :]
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         return self._run([(t, p, s, True) for s, t, p in zip(slots, tokens, positions)])
