@@ -130,5 +130,20 @@ def tiny_llm(tiny_dir):
     return llmkit.load(tiny_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_llm_for(tiny_model_dir):
+    """tiny_llm_for(arch) -> the tiny random model of that architecture, loaded once per run."""
+    import llmkit
+
+    loaded: dict = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            loaded[arch] = llmkit.load(tiny_model_dir(arch))
+        return loaded[arch]
+
+    return get
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -10,27 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import llmkit
 from llmkit.cli import main
 from llmkit.explain import explain
 
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = llmkit.load(tiny_model_dir(arch))
-        return cache[arch]
-
-    return get
-
-
-def test_token_statistics_follow_from_the_logits(tiny):
-    llm = tiny("llama")
+def test_token_statistics_follow_from_the_logits(tiny_llm_for):
+    llm = tiny_llm_for("llama")
     e = explain(llm, TEXT, top_k=4)
     ids = llm.tokenizer.encode(TEXT, add_special_tokens=True)
     assert [t.id for t in e.tokens] == ids
@@ -51,10 +38,10 @@ def test_token_statistics_follow_from_the_logits(tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
-def test_attention_equals_transformers_eager_attention(tiny, tiny_model_dir, arch):
+def test_attention_equals_transformers_eager_attention(tiny_llm_for, tiny_model_dir, arch):
     from transformers import AutoModelForCausalLM
 
-    e = explain(tiny(arch), TEXT)
+    e = explain(tiny_llm_for(arch), TEXT)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32,
                                                attn_implementation="eager").eval()
     with torch.no_grad():
@@ -66,8 +53,8 @@ def test_attention_equals_transformers_eager_attention(tiny, tiny_model_dir, arc
     assert torch.triu(a, diagonal=1).abs().max() == 0  # causal: nothing from the future
 
 
-def test_explaining_a_generated_answer(tiny):
-    llm = tiny("qwen2")
+def test_explaining_a_generated_answer(tiny_llm_for):
+    llm = tiny_llm_for("qwen2")
     e = explain(llm, "Paris is", max_tokens=5, layers=[0])
     prompt = llm.tokenizer.encode("Paris is", add_special_tokens=True)
     new = llm.generate_ids(prompt, max_tokens=5, temperature=0)
@@ -77,8 +64,8 @@ def test_explaining_a_generated_answer(tiny):
     assert set(e.attention) == {0}
 
 
-def test_html_page_and_heatmap(tiny, tmp_path):
-    e = explain(tiny("llama"), "Caf\u00e9 <b>bold</b> & done", top_k=2)
+def test_html_page_and_heatmap(tiny_llm_for, tmp_path):
+    e = explain(tiny_llm_for("llama"), "Caf\u00e9 <b>bold</b> & done", top_k=2)
     page = e.to_html(tmp_path / "e.html")
     assert (tmp_path / "e.html").read_text(encoding="utf-8") == page
     spans = re.findall(r'<span class="tok[^"]*" style="background:([^"]+)" title="([^"]*)"', page)

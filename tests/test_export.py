@@ -24,18 +24,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = llmkit.load(tiny_model_dir(arch))
-        return cache[arch]
-
-    return get
-
-
 def _ids(llm, text):
     return llm.tokenizer.encode(text, add_special_tokens=True)
 
@@ -43,10 +31,10 @@ def _ids(llm, text):
 # ------------------------------------------------------------------------------------ ONNX
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
-def test_onnx_with_kv_cache_matches_llmkit(tiny, tmp_path, arch):
+def test_onnx_with_kv_cache_matches_llmkit(tiny_llm_for, tmp_path, arch):
     import onnxruntime as ort
 
-    llm = tiny(arch)
+    llm = tiny_llm_for(arch)
     folder = export(llm, "onnx", tmp_path / "onnx")
     info = json.loads((folder / "export.json").read_text())
     session = ort.InferenceSession(str(folder / info["file"]), providers=["CPUExecutionProvider"])
@@ -78,10 +66,10 @@ def test_onnx_with_kv_cache_matches_llmkit(tiny, tmp_path, arch):
     assert out == llm.generate_ids(ids, max_tokens=12, temperature=0, ignore_eos=True)
 
 
-def test_onnx_runs_a_batch(tiny, tmp_path):
+def test_onnx_runs_a_batch(tiny_llm_for, tmp_path):
     import onnxruntime as ort
 
-    llm = tiny("qwen2")
+    llm = tiny_llm_for("qwen2")
     folder = export(llm, "onnx", tmp_path / "onnx")
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     c = llm.config
@@ -96,10 +84,10 @@ def test_onnx_runs_a_batch(tiny, tmp_path):
 # ------------------------------------------------------------------------------------ GGUF
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_gguf_f32_reads_back_with_the_same_logits_and_tokenizer(tiny, tmp_path, arch):
+def test_gguf_f32_reads_back_with_the_same_logits_and_tokenizer(tiny_llm_for, tmp_path, arch):
     from llmkit.formats.gguf_file import GGUFFile
 
-    llm = tiny(arch)
+    llm = tiny_llm_for(arch)
     path = export(llm, "gguf", tmp_path / "model.gguf")
     back = llmkit.load(path)
     for prompt in PROMPTS:
@@ -118,24 +106,24 @@ def test_gguf_f32_reads_back_with_the_same_logits_and_tokenizer(tiny, tmp_path, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gguf_is_read_by_transformers_as_llama_cpp_lays_it_out(tiny_model_dir, tiny, tmp_path, arch):
+def test_gguf_is_read_by_transformers_as_llama_cpp_lays_it_out(tiny_model_dir, tiny_llm_for, tmp_path, arch):
     # transformers undoes llama.cpp's q/k row permutation itself: equal logits show the file is
     # laid out as llama.cpp's converter lays it out (llama permuted, qwen2 not)
     from transformers import AutoModelForCausalLM
 
-    path = export(tiny(arch), "gguf", tmp_path / "m.gguf")
+    path = export(tiny_llm_for(arch), "gguf", tmp_path / "m.gguf")
     ours = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
-    ids = torch.tensor([_ids(tiny(arch), PROMPTS[0])])
+    ids = torch.tensor([_ids(tiny_llm_for(arch), PROMPTS[0])])
     with torch.no_grad():
         assert (ours(ids).logits - ref(ids).logits).abs().max() < 1e-4
     assert path.exists()
 
 
-def test_gguf_quantized_types(tiny, tmp_path):
+def test_gguf_quantized_types(tiny_llm_for, tmp_path):
     from llmkit.formats.gguf_file import GGUFFile
 
-    llm = tiny("llama")
+    llm = tiny_llm_for("llama")
     ids = _ids(llm, PROMPTS[0])
     ref = llm.logits(ids)
     sizes = {}
@@ -172,9 +160,9 @@ def test_gguf_tokenizer_of_the_real_model_round_trips(smollm2):
     assert len(meta["tokenizer.ggml.tokens"]) == smollm2.config.vocab_size
 
 
-def test_gguf_runs_in_llama_cpp(tiny, tmp_path):
+def test_gguf_runs_in_llama_cpp(tiny_llm_for, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = tiny("llama")
+    llm = tiny_llm_for("llama")
     path = export(llm, "gguf", tmp_path / "m.gguf")
     model = llama_cpp.Llama(str(path), n_ctx=128, n_threads=1, verbose=False, logits_all=False)
     ids = _ids(llm, PROMPTS[0])
@@ -188,10 +176,10 @@ def test_gguf_runs_in_llama_cpp(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------ HF, pt2
 
-def test_hf_export_loads_in_transformers(tiny, tiny_model_dir, tmp_path):
+def test_hf_export_loads_in_transformers(tiny_llm_for, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    llm = tiny("qwen2")
+    llm = tiny_llm_for("qwen2")
     folder = export(llm, "hf", tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok, original = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(tiny_model_dir("qwen2"))
@@ -204,8 +192,8 @@ def test_hf_export_loads_in_transformers(tiny, tiny_model_dir, tmp_path):
             assert (model(torch.tensor([ids])).logits[0] - llm.logits(ids)).abs().max() < 1e-4
 
 
-def test_pt2_program_runs_without_llmkit(tiny, tmp_path):
-    llm = tiny("llama")
+def test_pt2_program_runs_without_llmkit(tiny_llm_for, tmp_path):
+    llm = tiny_llm_for("llama")
     folder = export(llm, "pt2", tmp_path / "pt2")
     prompt = _ids(llm, PROMPTS[0])
     torch.save({"ids": torch.tensor(prompt), "logits": llm.logits(prompt),
@@ -239,17 +227,17 @@ print("ok")
 
 # ------------------------------------------------------------------------------------ refusals, CLI
 
-def test_export_refuses_what_a_format_cannot_hold(tiny, tmp_path):
+def test_export_refuses_what_a_format_cannot_hold(tiny_llm_for, tmp_path):
     with pytest.raises(ExportError, match="sliding window of 8 tokens"):
-        export(tiny("mistral"), "gguf", tmp_path / "m.gguf")
+        export(tiny_llm_for("mistral"), "gguf", tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ExportError, match="takes no --quantize"):
-        export(tiny("llama"), "onnx", tmp_path / "o", quantize="q8_0")
+        export(tiny_llm_for("llama"), "onnx", tmp_path / "o", quantize="q8_0")
     with pytest.raises(ExportError, match="choose one of: f32, f16, bf16"):
-        export(tiny("llama"), "hf", tmp_path / "h", quantize="q4_0")
+        export(tiny_llm_for("llama"), "hf", tmp_path / "h", quantize="q4_0")
     with pytest.raises(ExportError, match="unknown export format 'tflite'; available: gguf, hf, onnx, pt2"):
-        export(tiny("llama"), "tflite", tmp_path / "t")
-    llm = tiny("llama")
+        export(tiny_llm_for("llama"), "tflite", tmp_path / "t")
+    llm = tiny_llm_for("llama")
     quantized = llmkit.api.LLM(type(llm.model)(llm.config), llm.tokenizer)
     quantized.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(
         torch.zeros_like(llm.model.layers[0].mlp.up_proj.weight, dtype=torch.int8), requires_grad=False)
