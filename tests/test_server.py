@@ -300,6 +300,151 @@ def test_tokenize_and_detokenize(url, tiny):
     assert httpx.post(url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
 
 
+# ------------------------------------------------------------------------------------------ tools
+
+# A chat template that knows tools, as Hermes/Qwen templates do (short: the tiny model's context is 128)
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }};{% endfor %}{{ eos_token }}{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PLACE = {"type": "function", "function": {"name": "find", "description": "Find a place.", "parameters": {
+    "type": "object", "properties": {"at": {"type": "string", "maxLength": 3}, "n": {"type": "integer",
+                                     "minimum": 0, "maximum": 9}}, "required": ["at", "n"],
+    "additionalProperties": False}}}
+FLAG = {"type": "function", "function": {"name": "flag", "parameters": {
+    "type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]}}}
+TOOLS = [PLACE, FLAG]
+
+
+def assert_valid_call(call, names=("find", "flag")):
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+@pytest.fixture(scope="module")
+def tools_url(tiny):
+    """The tiny model under a chat template that renders tools itself."""
+    from llmkit.api import LLM
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny.tokenizer.backend, special_tokens=tiny.tokenizer.special_tokens, chat_template=TOOLS_TEMPLATE)
+    app = create_app(LLM(tiny.model, tok, name="tiny-tools"), config=ServerConfig(model_name=MODEL))
+    with running_server(app) as base:
+        yield base
+
+
+def test_a_forced_tool_call_always_parses_and_validates(tools_url):
+    oai = client(tools_url)
+    named = {"type": "function", "function": {"name": "find"}}
+    for seed in range(3):  # a random model: only the mask makes these calls
+        for choice, names in ((named, ("find",)), ("required", ("find", "flag"))):
+            r = oai.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=choice,
+                                            temperature=1.0, seed=seed)  # max_tokens: what the context leaves
+            c = r.choices[0]
+            assert c.finish_reason == "tool_calls" and c.message.content is None, c.message
+            assert len(c.message.tool_calls) == 1
+            assert_valid_call(c.message.tool_calls[0], names)
+    # streamed: the same call (same seed, so the same tokens), as id and name, then the arguments
+    kw = dict(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5)
+    whole = oai.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    chunks = [c for c in oai.chat.completions.create(**kw, stream=True) if c.choices]
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].index == 0 and deltas[0].id.startswith("call_") and deltas[0].function.name == whole.function.name
+    assert "".join(d.function.arguments or "" for d in deltas) == whole.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+    assert not any(c.choices[0].delta.content for c in chunks)
+    # the legacy form: functions and function_call in, message.function_call out
+    legacy = oai.chat.completions.create(model=MODEL, messages=USER, functions=[PLACE["function"]],
+                                         function_call={"name": "find"}, temperature=1.0, seed=1)
+    assert legacy.choices[0].finish_reason == "function_call"
+    jsonschema.validate(json.loads(legacy.choices[0].message.function_call.arguments), PLACE["function"]["parameters"])
+
+
+def test_tools_and_earlier_calls_render_through_the_chat_template(tools_url, tiny):
+    turn = [{"role": "user", "content": "fox"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "find", "arguments": '{"at": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    ids = httpx.post(tools_url + "/tokenize", json={"messages": turn, "tools": TOOLS}).json()["tokens"]
+    text = tiny.tokenizer.decode(ids)
+    # the template got tools=, and the call's arguments as an object, as transformers passes them
+    assert text.startswith("<|tools|>find;flag;</s><|user|>fox</s>")
+    assert '<|assistant|><tool_call>{"name": "find", "arguments": {"at": "Rome"}}</tool_call></s>' in text
+    assert text.endswith("<|tool|>sunny</s><|assistant|>")
+    r = client(tools_url).chat.completions.create(model=MODEL, messages=turn, tools=TOOLS, max_tokens=2,
+                                                  temperature=0)
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tool_choice "none": no tools in the prompt, and the output is not read for calls
+    none = client(tools_url).chat.completions.create(model=MODEL, messages=turn, tools=TOOLS, tool_choice="none",
+                                                     max_tokens=2, temperature=0)
+    assert none.usage.prompt_tokens == len(httpx.post(tools_url + "/tokenize", json={"messages": turn}).json()["tokens"])
+    assert none.choices[0].message.tool_calls is None
+
+
+def test_tool_calls_are_read_from_text_and_streamed_text_is_held_back_only_where_a_call_may_start():
+    from llmkit.server import schemas, tools
+
+    def plan(**kw):
+        return tools.plan_for(schemas.ChatCompletionRequest.model_validate({"messages": USER, "tools": TOOLS, **kw}))
+
+    text = ('Let me look.\n<tool_call>\n{"name": "find", "arguments": {"at": "Rome", "n": 1}}\n</tool_call>\n'
+            '<tool_call>{"name": "flag", "arguments": {"on": true}}')  # the second left open at the end
+    content, calls = tools.parse(text, plan())
+    assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["find", "flag"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"at": "Rome", "n": 1}
+    assert len(tools.parse(text, plan(parallel_tool_calls=False))[1]) == 1
+    for not_a_call in ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>', "<tool_call>{broken",
+                       "a < b, <tool_ x"):
+        assert tools.parse(not_a_call, plan()) == (not_a_call, [])
+    for whole in (text, "a < b, <tool_ x", "Plain text, <tool_call>{broken"):
+        expected_content, expected_calls = tools.parse(whole, plan())
+        splitter, sent = tools.StreamSplitter(plan()), ""
+        for ch in whole:  # one character at a time: nothing that turns out to be a call goes out as content
+            sent += splitter.feed(ch)
+            assert (expected_content or "").startswith(sent)
+        if "<tool_call>" not in whole:
+            assert sent == whole
+        rest, calls = splitter.finish()
+        assert sent + rest == (expected_content or "")
+        assert [c["function"] for c in calls] == [c["function"] for c in expected_calls]
+    # held back: only what could begin a tag, and the space before it
+    assert tools.StreamSplitter(plan()).feed("a < b, <tool_") == "a < b,"
+
+
+def test_bad_tools_get_400s_that_name_the_param(url):
+    post = lambda body: httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2, **body})
+    forced = {"type": "function", "function": {"name": "find"}}
+    cases = [
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "has spaces"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}]}, "tools"),
+        ({"tools": []}, "tools"),
+        ({"tools": [PLACE, PLACE]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": forced}, "tool_choice"),
+        ({"tools": TOOLS, "functions": [PLACE["function"]]}, "functions"),
+        ({"functions": [PLACE["function"]], "function_call": {"name": "other"}}, "function_call"),
+        ({"tools": TOOLS, "tool_choice": forced, "response_format": {"type": "json_object"}}, "response_format"),
+    ]
+    for body, param in cases:
+        assert_error(post(body), 400, param=param)
+    # parameters the mask cannot enforce: refused when a call is forced, fine when the model chooses
+    unique = {"type": "function", "function": {"name": "find", "parameters": {
+        "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}
+    outside = {"type": "function", "function": {"name": "find", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}
+    for tool in (unique, outside):
+        err = assert_error(post({"tools": [tool], "tool_choice": "required"}), 400, "unsupported_schema", "tools")
+        assert "find" in err["message"] or "uniqueItems" in err["message"]
+    assert httpx.post(url + "/tokenize", json={"messages": USER, "tools": [unique]}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 

@@ -243,32 +243,46 @@ _BOUNDED_CHARS = r'[^\"\\\r\n]'
 _JSON_CHARS = r'[^\0-\x1f\"\\]'
 
 
-def _compile_json_schema(compiler, schema_json: str):
+def _json_schema_grammar(schema_json: str):
     import xgrammar as xgr
 
     options = dict(any_whitespace=False, separators=_SEPARATORS, strict_mode=True)
-    ebnf = str(xgr.Grammar.from_json_schema(schema_json, **options))
+    grammar = xgr.Grammar.from_json_schema(schema_json, **options)
+    ebnf = str(grammar)
     if _BOUNDED_CHARS not in ebnf:
-        return compiler.compile_json_schema(schema_json, **options)
-    return compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHARS, _JSON_CHARS)))
+        return grammar
+    return xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHARS, _JSON_CHARS))
 
 
-def compile_schema(tokenizer, vocab_size: int, schema: Any):
-    """The compiled grammar (xgrammar ``CompiledGrammar``) for a schema; ``None`` means any JSON value."""
+def _literal(text: str):
+    import xgrammar as xgr
+
+    return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
+
+
+def compile_schema(tokenizer, vocab_size: int, schema: Any, wrap: tuple[str, str] | None = None):
+    """The compiled grammar (xgrammar ``CompiledGrammar``) for a schema; ``None`` means any JSON value.
+
+    wrap: (prefix, suffix), literal text that must come before and after the JSON document (the
+    server's tool calls: ``<tool_call>`` ... ``</tool_call>``).
+    """
+    import xgrammar as xgr
+
     comp = _compiler_for(tokenizer, vocab_size)
     # not sort_keys: property order is the order the model writes them in
-    key = "<any json>" if schema is None else json.dumps(schema)
+    key = ("<any json>" if schema is None else json.dumps(schema)) + (json.dumps(wrap) if wrap else "")
     with comp.lock:
         if key not in comp.cache:
-            if schema is None:
-                comp.cache[key] = comp.compiler.compile_builtin_json_grammar()
-            else:
+            if schema is not None:
                 check_schema(schema)
-                try:
-                    comp.cache[key] = _compile_json_schema(comp.compiler, key)
-                except RuntimeError as exc:
-                    reason = str(exc).split(": ", 1)[-1].strip()
-                    raise UnsupportedSchemaError(f"the schema cannot be enforced: {reason}") from None
+            try:
+                grammar = xgr.Grammar.builtin_json_grammar() if schema is None else _json_schema_grammar(json.dumps(schema))
+                if wrap:
+                    grammar = xgr.Grammar.concat(_literal(wrap[0]), grammar, _literal(wrap[1]))
+                comp.cache[key] = comp.compiler.compile_grammar(grammar)
+            except RuntimeError as exc:
+                reason = str(exc).split(": ", 1)[-1].strip()
+                raise UnsupportedSchemaError(f"the schema cannot be enforced: {reason}") from None
         return comp.cache[key]
 
 
@@ -307,11 +321,13 @@ class JSONSchemaProcessor:
         return self.matcher.is_completed()
 
 
-def json_schema_processor(tokenizer, vocab_size: int, schema: Any) -> JSONSchemaProcessor:
-    """A fresh processor for one request. ``schema``: dict, JSON text, pydantic model, or None (any JSON)."""
+def json_schema_processor(tokenizer, vocab_size: int, schema: Any,
+                          wrap: tuple[str, str] | None = None) -> JSONSchemaProcessor:
+    """A fresh processor for one request. ``schema``: dict, JSON text, pydantic model, or None (any JSON);
+    ``wrap``: literal (prefix, suffix) around the document."""
     if schema is not None:
         schema, _ = schema_from(schema)
-    return JSONSchemaProcessor(compile_schema(tokenizer, vocab_size, schema), vocab_size)
+    return JSONSchemaProcessor(compile_schema(tokenizer, vocab_size, schema, wrap), vocab_size)
 
 
 def processor_for_response_format(tokenizer, vocab_size: int, response_format: Mapping | None):

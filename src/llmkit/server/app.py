@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 
 from llmkit.errors import LLMKitError
-from llmkit.server import errors, schemas
+from llmkit.server import errors, schemas, tools
 from llmkit.server.auth import Guard
 from llmkit.server.errors import APIError, bad_request
 from llmkit.server.metrics import CONTENT_TYPE, Metrics
@@ -259,7 +259,8 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("Give either prompt or messages.", param="prompt")
         if req.messages is not None:
-            ids = _chat_ids(llm.tokenizer, req.messages, req.add_generation_prompt, False)
+            plan = tools.ToolPlan([t.model_dump(exclude_none=True) for t in req.tools], "auto") if req.tools else None
+            ids = _chat_ids(llm.tokenizer, req.messages, req.add_generation_prompt, False, plan)
         else:
             ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": llm.context_length}
@@ -316,16 +317,22 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
         req = await parse(request, schemas.ChatCompletionRequest, generation=True)
         llm, engine = need_model()
         check_model(req.model)
-        ids = _chat_ids(llm.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message)
+        plan = tools.plan_for(req)
+        tool_schema = plan.schema() if plan is not None else None
+        if tool_schema is not None and req.response_format and req.response_format.type != "text":
+            raise bad_request("response_format cannot be combined with a tool_choice that forces a call.",
+                              param="response_format")
+        ids = _chat_ids(llm.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, plan)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens == 0:
             raise bad_request("max_tokens must be at least 1.", param="max_tokens", code="invalid_value")
         k = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
-        jobs = await _jobs(state, req, [ids], max_tokens, k)
+        jobs = await _jobs(state, req, [ids], max_tokens, k, tool_schema)
         run = _Run(state, metrics, jobs, arrival, request, poll_disconnect=not req.stream)
-        gen = _Generation("chatcmpl", config.model_name, [len(ids)], req.n, llm.tokenizer)
+        gen = _Generation("chatcmpl", config.model_name, [len(ids)], req.n, llm.tokenizer,
+                          plan if plan is not None and plan.offered else None)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return _sse(gen.chat_chunks(run, include_usage, k is not None), middlewares)
@@ -389,17 +396,25 @@ def _text_content(content, where: str) -> str:
     return "\n".join(texts)
 
 
-def _chat_ids(tokenizer, messages, add_generation_prompt: bool, continue_final: bool) -> list[int]:
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool, continue_final: bool,
+              plan: tools.ToolPlan | None = None) -> list[int]:
     chat = []
     for i, m in enumerate(messages):
         extra = {k: v for k, v in (m.model_extra or {}).items() if v is not None}
-        d = {**extra, "role": "system" if m.role == "developer" else m.role,
+        d = {**extra, "role": {"developer": "system", "function": "tool"}.get(m.role, m.role),
              "content": _text_content(m.content, f"messages[{i}]")}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        calls = m.tool_calls or ([schemas.ToolCall(function=m.function_call)] if m.function_call else [])
+        if calls:
+            d["tool_calls"] = [tools.template_call(c, f"call_{i}_{j}") for j, c in enumerate(calls)]
         chat.append(d)
+    offered = plan.tools if plan is not None and plan.offered else None
+    chat, offered = tools.prepare(chat, plan, tools.template_knows_tools(tokenizer._pick_template(None, offered)))
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt and not continue_final,
-                                         continue_final_message=continue_final)
+                                         continue_final_message=continue_final, tools=offered)
     return tokenizer.encode(text)
 
 
@@ -432,8 +447,10 @@ def _probe(ids, max_tokens):
     return Request(ids, SamplingParams(max_tokens=max_tokens))
 
 
-async def _jobs(state: ServerState, req, prompts: list[list[int]], max_tokens: int | None, k: int | None) -> list:
-    """One engine Request per choice: n per prompt, choice index = prompt * n + j."""
+async def _jobs(state: ServerState, req, prompts: list[list[int]], max_tokens: int | None, k: int | None,
+                tool_schema: dict | None = None) -> list:
+    """One engine Request per choice: n per prompt, choice index = prompt * n + j. tool_schema: a
+    tool call to enforce while decoding (tools.ToolPlan.schema)."""
     from llmkit.engine import Request
     from llmkit.sampling import SamplingParams
 
@@ -456,23 +473,31 @@ async def _jobs(state: ServerState, req, prompts: list[list[int]], max_tokens: i
     if rf and rf.get("type") == "json_schema" and not (rf.get("json_schema") or {}).get("schema"):
         raise bad_request("response_format json_schema needs json_schema.schema.", param="response_format")
 
+    constrained = tool_schema is not None or (rf and rf.get("type") != "text")
+
     def processors():
-        if not rf or rf.get("type") == "text":
-            return None
+        param = "tools" if tool_schema is not None else "response_format"
         try:
-            from llmkit.constrain import processor_for_response_format
+            from llmkit.constrain import UnsupportedSchemaError, json_schema_processor, processor_for_response_format
         except ImportError:
-            raise APIError(400, "response_format json_object/json_schema needs llmkit.constrain, which this "
-                                "installation lacks.", param="response_format") from None
-        return [processor_for_response_format(llm.tokenizer, llm.config.vocab_size, rf)
-                for _ in range(len(prompts) * req.n)]
+            raise APIError(400, f"{param} needs llmkit.constrain, which this installation lacks.",
+                           param=param) from None
+        count = len(prompts) * req.n
+        if tool_schema is None:
+            return [processor_for_response_format(llm.tokenizer, llm.config.vocab_size, rf) for _ in range(count)]
+        try:
+            return [json_schema_processor(llm.tokenizer, llm.config.vocab_size, tool_schema, tools.WRAP)
+                    for _ in range(count)]
+        except UnsupportedSchemaError as exc:
+            raise APIError(400, f"A tool's parameters cannot be enforced while decoding: {exc}", param="tools",
+                           code="unsupported_schema") from None
 
     bases = []
     for ids in prompts:
         m = max_tokens if max_tokens is not None else max(1, min(state.config.default_max_tokens, context - len(ids)))
         bases.append(SamplingParams(max_tokens=m, **common))
         state.engine.check(Request(ids, bases[-1]))  # before compiling a schema: fail fast
-    procs = await asyncio.to_thread(processors) if rf and rf.get("type") != "text" else None
+    procs = await asyncio.to_thread(processors) if constrained else None
     jobs = []
     for p, (ids, base) in enumerate(zip(prompts, bases)):
         for j in range(req.n):
@@ -665,8 +690,10 @@ def _num(x: float) -> float:
 class _Generation:
     """Assembles OpenAI responses (whole, or as stream chunks) from engine events."""
 
-    def __init__(self, prefix: str, model: str, prompt_lens: list[int], n: int, tokenizer):
+    def __init__(self, prefix: str, model: str, prompt_lens: list[int], n: int, tokenizer,
+                 plan: tools.ToolPlan | None = None):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.tools = plan  # tools offered to the model: its output is parsed for calls
         self.created = int(time.time())
         self.model = model
         self.prompt_lens = prompt_lens
@@ -710,14 +737,27 @@ class _Generation:
                 "top_logprobs": [{"token": self.table(t)[0], "logprob": _num(lp), "bytes": list(self.table(t)[1])}
                                  for t, lp in top]}
 
+    def _finish_reason(self, reason: str | None, calls: list[dict]) -> str | None:
+        if not calls:
+            return _reason(reason)
+        return "function_call" if self.tools.legacy else "tool_calls"
+
     def chat_body(self, with_logprobs: bool) -> dict:
         choices = []
         for i in range(len(self.texts)):
+            text, calls = "".join(self.texts[i]), []
+            if self.tools is not None:
+                text, calls = tools.parse(text, self.tools)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls and self.tools.legacy:
+                message["function_call"] = calls[0]["function"]
+            elif calls:
+                message["tool_calls"] = calls
             choices.append({
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(self.texts[i])},
+                "message": message,
                 "logprobs": {"content": [self._chat_logprob(*x) for x in self.logprobs[i]]} if with_logprobs else None,
-                "finish_reason": _reason(self.finish[i]),
+                "finish_reason": self._finish_reason(self.finish[i], calls),
             })
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
@@ -729,22 +769,39 @@ class _Generation:
         return body
 
     async def chat_chunks(self, run: _Run, include_usage: bool, with_logprobs: bool) -> AsyncIterator[dict]:
+        def chunk(i: int, delta: dict, logprobs=None, reason=None) -> dict:
+            return self._chunk("chat.completion.chunk", [{"index": i, "delta": delta, "logprobs": logprobs,
+                                                          "finish_reason": reason}], include_usage)
+
+        # with tools, text that may be a tool call is held back until the choice ends
+        splitters = [tools.StreamSplitter(self.tools) if self.tools else None for _ in self.texts]
         for i in range(len(self.texts)):
-            yield self._chunk("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}], include_usage)
+            yield chunk(i, {"role": "assistant", "content": ""})
         async for i, event in run.events():
             self._record(i, event)
-            if event.text or (with_logprobs and event.token is not None):
+            text = splitters[i].feed(event.text) if splitters[i] else event.text
+            if text or (with_logprobs and event.token is not None):
                 logprobs = None
                 if with_logprobs and event.token is not None and event.logprob is not None:
                     logprobs = {"content": [self._chat_logprob(event.token, event.logprob, event.top_logprobs or [])]}
-                yield self._chunk("chat.completion.chunk", [{"index": i, "delta": {"content": event.text},
-                                                              "logprobs": logprobs, "finish_reason": None}],
-                                  include_usage)
+                yield chunk(i, {"content": text}, logprobs)
             if event.finish_reason is not None:
-                yield self._chunk("chat.completion.chunk", [{"index": i, "delta": {}, "logprobs": None,
-                                                              "finish_reason": _reason(event.finish_reason)}],
-                                  include_usage)
+                calls = []
+                if splitters[i]:
+                    rest, calls = splitters[i].finish()
+                    if rest:
+                        yield chunk(i, {"content": rest})
+                for j, call in enumerate(calls):  # as OpenAI streams them: id and name, then the arguments
+                    name = {"name": call["function"]["name"], "arguments": ""}
+                    arguments = {"arguments": call["function"]["arguments"]}
+                    if self.tools.legacy:
+                        yield chunk(i, {"function_call": name})
+                        yield chunk(i, {"function_call": arguments})
+                        break
+                    yield chunk(i, {"tool_calls": [{"index": j, "id": call["id"], "type": "function",
+                                                    "function": name}]})
+                    yield chunk(i, {"tool_calls": [{"index": j, "function": arguments}]})
+                yield chunk(i, {}, reason=self._finish_reason(event.finish_reason, calls))
         if include_usage:
             yield {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                    "choices": [], "usage": self.usage()}

@@ -67,15 +67,65 @@ class ContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = _ALLOW
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Letters, digits, _ and -; at most 64.")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(default=None, description="A JSON schema of the arguments "
+                                                 "object; none means no arguments.")
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = _ALLOW
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = _ALLOW
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _ALLOW
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = _ALLOW
+    name: str
+    arguments: Union[str, dict[str, Any]] = Field(description="The arguments as JSON text (an object is accepted).")
+
+
+class ToolCall(BaseModel):
+    model_config = _ALLOW
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _ALLOW
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(default=None, description="Calls an assistant message made.")
+    tool_call_id: Optional[str] = Field(default=None, description="On a tool message: the call it answers.")
+    function_call: Optional[FunctionCall] = Field(default=None, description="Legacy form of tool_calls.")
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[Tool]] = Field(default=None, min_length=1, description="Functions the model may call.")
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
+        default=None, description="none, auto (the default with tools), required (enforced while decoding), or "
+        '{"type": "function", "function": {"name": ...}} (enforced while decoding).')
+    parallel_tool_calls: Optional[bool] = Field(default=None, description="false: at most one call per answer.")
+    functions: Optional[list[FunctionDefinition]] = Field(default=None, min_length=1, description="Legacy tools.")
+    function_call: Optional[Union[Literal["none", "auto"], FunctionName]] = Field(
+        default=None, description="Legacy tool_choice.")
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, description="Same as max_tokens.")
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
@@ -95,6 +145,7 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[Tool]] = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -128,16 +179,29 @@ class ChoiceLogprobs(BaseModel):
     content: Optional[list[TokenLogprob]] = None
 
 
+class OutputFunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class OutputToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: OutputFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[OutputToolCall]] = None
+    function_call: Optional[OutputFunctionCall] = None  # legacy requests (functions=)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls", "function_call", "abort"]] = None
 
 
 class ChatCompletion(BaseModel):
@@ -149,9 +213,23 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class ChatDelta(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
+    function_call: Optional[DeltaFunctionCall] = None
 
 
 class ChatChunkChoice(BaseModel):
