@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -131,13 +132,20 @@ def test_logprobs_are_the_models(tiny):
 def test_queue_limit_and_shutdown(tiny):
     engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=1, max_queue=1)
     ids = prompts(tiny)
-    running = engine.submit(Request(ids[0], greedy(60)))
+    release = threading.Event()
+
+    def hold(generated, logits):  # keeps the running request busy until the queue was checked
+        release.wait(30)
+        return logits
+
+    running = engine.submit(Request(ids[0], greedy(60, logits_processors=[hold])))
     deadline = time.time() + 10
     while engine.num_running == 0 and time.time() < deadline:
         time.sleep(0.001)
     waiting = engine.submit(Request(ids[1], greedy(5)))
     with pytest.raises(QueueFullError, match="retry"):
         engine.submit(Request(ids[2], greedy(5)))
+    release.set()
     assert engine.shutdown(timeout=60)
     assert running.finish_reason == "length" and waiting.finish_reason == "length"
     with pytest.raises(QueueFullError, match="shutting down"):

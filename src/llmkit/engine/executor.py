@@ -63,8 +63,8 @@ class TorchExecutor:
         new = self.model.new_cache(count, size)
         if old is not None:  # keep what running requests already have in their slots
             keep, n = min(size, old.max_len), min(count, old.slots)
-            new.k[:, :n, :keep] = old.k[:, :n, :keep]
-            new.v[:, :n, :keep] = old.v[:, :n, :keep]
+            new.k[:, :n, :, :keep] = old.k[:, :n, :, :keep]
+            new.v[:, :n, :, :keep] = old.v[:, :n, :, :keep]
         self.cache = new
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
