@@ -71,3 +71,25 @@ def test_bad_settings_and_lengths_raise(smollm2):
         smollm2.stream("Hi", top_p=0)
     with pytest.raises(ContextLengthError, match="8192"):
         smollm2.generate("word " * 9000, max_tokens=5)
+
+
+def test_bfloat16_agrees_with_float32_and_batches_like_alone(smollm2, smollm2_gguf):
+    import torch
+
+    bf = llmkit.load(smollm2_gguf, executor="torch", dtype="bfloat16")
+    assert bf.model.embed.weight.dtype == torch.bfloat16
+    text = ("The river rose through the night, and by morning the village had moved its boats, its "
+            "goats and its grandmothers up to the old church on the hill, where they waited for the rain to stop.")
+    ids = smollm2.tokenizer.encode(text)
+    top32, top16 = smollm2.logits(ids).argmax(-1), bf.logits(ids).argmax(-1)
+    assert (top32 == top16).float().mean() >= 0.9
+    prompts = ["The capital of France is", "Water boils at", "def fibonacci(n):"]
+    together = bf.generate(prompts, max_tokens=12, temperature=0)
+    assert together == [bf.generate(p, max_tokens=12, temperature=0) for p in prompts]
+
+
+def test_an_unknown_dtype_is_refused_by_name(tiny_dir):
+    from llmkit.errors import LLMKitError
+
+    with pytest.raises(LLMKitError, match="float8.*auto"):
+        llmkit.load(tiny_dir, dtype="float8")

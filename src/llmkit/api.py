@@ -20,15 +20,44 @@ def _default_device() -> torch.device:
 
 
 EXECUTORS = ("auto", "torch", "llama.cpp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(model: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There, bfloat16 matmuls
+    run about 2-3x faster than float32 ones (576x1536 at 16 rows: 0.17 vs 0.37 ms on the reference
+    machine); without it, bfloat16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: float32 on CPU, bfloat16 on CUDA. "auto": bfloat16 on CUDA and on CPUs that multiply
+    it natively, float32 elsewhere. Or a name from DTYPES, or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    if dtype not in DTYPES:
+        raise LLMKitError(f"dtype={dtype!r} is not supported; choose auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          quantize: str | None = None, executor: str = "auto", max_batch: int = 16,
          pull: bool = True, progress: bool = True) -> "LLM":
     """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
-    On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise.
+    On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise ("auto" takes
+    bfloat16 on CPUs that multiply it natively too: faster, at bfloat16's precision).
     ``quantize`` ("int8" or "int4") applies weight-only quantization after loading (CPU).
     ``executor``: "torch" runs llmkit's own model; "llama.cpp" runs a GGUF file on llama.cpp
     (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top; "auto" picks
@@ -48,8 +77,7 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
             raise
         path = store.pull(name, progress=progress)
     device = torch.device(device) if device is not None else _default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(dtype, device)
 
     def read():
         ckpt = read_checkpoint(path, dtype=dtype, device=device)

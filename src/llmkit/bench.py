@@ -53,7 +53,7 @@ def _prompt_ids(tokenize: Callable[[str], list[int]], n: int) -> list[int]:
 # ---------------------------------------------------------------------- workers (in subprocesses)
 
 def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
-                   executor: str = "torch") -> dict[str, Any]:
+                   executor: str = "torch", dtype: str | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -62,7 +62,8 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
     from llmkit.engine import Request
     from llmkit.sampling import SamplingParams
 
-    llm = llmkit.load(model, quantize=quantize, executor=executor, progress=False)
+    llm = llmkit.load(model, quantize=quantize, executor=executor, dtype=dtype if executor == "torch" else None,
+                      progress=False)
     short = llm.tokenizer.encode("Hello")
     llm.generate_ids(short, max_tokens=1, temperature=0)
     load = time.perf_counter() - start
@@ -97,8 +98,8 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
     s4 = [streams(4) for _ in range(repeats)]
     s16 = [streams(16) for _ in range(repeats)]
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    precision = "gguf as stored" if executor == "llama.cpp" else (
-        quantize or str(next(llm.model.parameters()).dtype).replace("torch.", ""))
+    dt = str(llm.model.embed.weight.dtype).replace("torch.", "") if executor == "torch" else ""
+    precision = "gguf as stored" if executor == "llama.cpp" else (f"{quantize}, {dt} activations" if quantize else dt)
     return {
         "engine": "llmkit" if executor == "torch" else f"llmkit+{executor}", "precision": precision,
         "threads": torch.get_num_threads(), "load_to_first_token_s": load, "peak_rss_mb": _peak_rss_mb(),
@@ -188,9 +189,9 @@ def _llamacpp_worker(model: str, threads: int, repeats: int) -> dict[str, Any]:
 
 
 def worker_main(argv: list[str]) -> None:
-    engine, model, threads, repeats, quantize = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4]
+    engine, model, threads, repeats, quantize, dtype = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5]
     if engine == "llmkit":
-        result = _llmkit_worker(model, threads, repeats, None if quantize == "none" else quantize)
+        result = _llmkit_worker(model, threads, repeats, None if quantize == "none" else quantize, dtype=dtype)
     elif engine == "llmkit+llama.cpp":
         result = _llmkit_worker(model, threads, repeats, None, executor="llama.cpp")
     elif engine == "transformers":
@@ -209,8 +210,8 @@ def available(peer: str) -> bool:
 
 
 def run_engine(engine: str, model: str, threads: int, repeats: int, quantize: str | None,
-               timeout: float = 900) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "llmkit.bench", engine, model, str(threads), str(repeats), quantize or "none"]
+               timeout: float = 900, dtype: str = "auto") -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "llmkit.bench", engine, model, str(threads), str(repeats), quantize or "none", dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():

@@ -103,18 +103,19 @@ def _check_sampling(sampling: dict[str, Any]) -> None:
     SamplingParams(**sampling)
 
 
-def _load(model: str, quantize: str | None = None, executor: str = "auto"):
+def _load(model: str, quantize: str | None = None, executor: str = "auto", dtype: str | None = None):
     import llmkit
 
-    return llmkit.load(model, quantize=quantize, executor=executor)
-
-    return llmkit.load(model)
+    return llmkit.load(model, quantize=quantize, executor=executor, dtype=dtype)
 
 
 model_option = click.option("-m", "--model", default="smollm2-135m-instruct", show_default=True,
                             help="A store name, a .gguf file, or a Hugging Face folder.")
 quantize_option = click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default=None,
                                help="Weight-only quantization on CPU: faster decode, slightly lower quality.")
+dtype_option = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+                            help="Weights and activations of the torch executor (default: float32 on CPU, "
+                            "bfloat16 on CUDA; auto: bfloat16 also on CPUs with native bfloat16).")
 executor_option = click.option("--executor", type=click.Choice(["auto", "torch", "llama.cpp"]), default="auto",
                                show_default=True, help="What runs the model: llmkit's torch model, or "
                                "llama.cpp for GGUF files (pip install 'llmkit[llamacpp]').")
@@ -174,13 +175,14 @@ def pull(source: str, name: str | None, force: bool, file: str | None, quiet: bo
 @main.command()
 @model_option
 @quantize_option
+@dtype_option
 @executor_option
 @click.argument("prompt", required=False)
 @sampling_options
 @click.option("--no-stream", is_flag=True, help="Print the answer at the end instead of as it comes.")
 @friendly_errors
-def generate(model: str, prompt: str | None, no_stream: bool, quantize: str | None, executor: str,
-             **kwargs: Any) -> None:
+def generate(model: str, prompt: str | None, no_stream: bool, quantize: str | None, dtype: str | None,
+             executor: str, **kwargs: Any) -> None:
     """Complete PROMPT (or standard input, if PROMPT is - or missing and input is piped).
 
     A prompt read from standard input loses its trailing newline, as `echo` adds one.
@@ -191,7 +193,7 @@ def generate(model: str, prompt: str | None, no_stream: bool, quantize: str | No
         _fail("no prompt: pass one as an argument, or pipe it in (`echo TEXT | llmkit generate -`)")
     sampling = _sampling(kwargs)
     _check_sampling(sampling)
-    llm = _load(model, quantize, executor)
+    llm = _load(model, quantize, executor, dtype)
     if no_stream:
         click.echo(llm.generate(prompt, **sampling))
         return
@@ -203,18 +205,20 @@ def generate(model: str, prompt: str | None, no_stream: bool, quantize: str | No
 @main.command()
 @model_option
 @quantize_option
+@dtype_option
 @executor_option
 @click.option("--system", help="A system message that starts the conversation.")
 @sampling_options
 @friendly_errors
-def chat(model: str, system: str | None, quantize: str | None, executor: str, **kwargs: Any) -> None:
+def chat(model: str, system: str | None, quantize: str | None, dtype: str | None, executor: str,
+         **kwargs: Any) -> None:
     """Talk with a model: earlier turns stay in context. Type /reset to start over, /exit to leave.
 
     With standard input piped, each line is one user turn and only the answers are printed.
     """
     sampling = _sampling(kwargs)
     _check_sampling(sampling)
-    llm = _load(model, quantize, executor)
+    llm = _load(model, quantize, executor, dtype)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     interactive = sys.stdin.isatty()

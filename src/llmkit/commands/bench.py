@@ -13,13 +13,15 @@ from llmkit.cli import friendly_errors
 @click.command()
 @click.option("-m", "--model", default="smollm2-135m-instruct", show_default=True)
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="llmkit's torch executor: auto is bfloat16 on CPUs that multiply it natively, else float32.")
 @click.option("--compare", default="transformers,llama.cpp", show_default=True,
               help="Peers to run too (comma-separated); missing ones are skipped with a note.")
 @click.option("--threads", type=int, default=None, help="Threads for every engine (default: all cores).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per figure (median).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly_errors
-def bench(model: str, quantize: str, compare: str, threads: int | None, repeats: int, as_json: bool) -> None:
+def bench(model: str, quantize: str, dtype: str, compare: str, threads: int | None, repeats: int, as_json: bool) -> None:
     """Measure load time, memory, prefill, decode and concurrent decode on llmkit and its peers."""
     from rich.console import Console
     from rich.table import Table
@@ -43,7 +45,8 @@ def bench(model: str, quantize: str, compare: str, threads: int | None, repeats:
             console.print(f"skipping {engine}: not installed")
             continue
         console.print(f"running {engine} ({threads} threads) ...")
-        results.append(b.run_engine(engine, path, threads, repeats, quantize if engine == "llmkit" else None))
+        results.append(b.run_engine(engine, path, threads, repeats, quantize if engine == "llmkit" else None,
+                                    dtype=dtype))
     report = {"model": path, "threads": threads, "results": results, "ratios": b.ratios(results)}
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llmkit.cli import friendly_errors, model_option
+from llmkit.cli import dtype_option, executor_option, friendly_errors, model_option
 
 
 @click.command()
@@ -17,6 +17,8 @@ from llmkit.cli import friendly_errors, model_option
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the -m value).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Weight-only quantization at load (CPU): faster decoding, slightly lower quality.")
+@executor_option
+@dtype_option
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Requests decoded together in one step.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(0, None),
@@ -35,7 +37,7 @@ from llmkit.cli import friendly_errors, model_option
               show_default=True)
 @friendly_errors
 def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None, quantize: str,
-          max_batch: int, max_queue: int, default_max_tokens: int, request_timeout: float, drain_timeout: float,
+          executor: str, dtype: str | None, max_batch: int, max_queue: int, default_max_tokens: int, request_timeout: float, drain_timeout: float,
           max_body_mb: float, allow_origins: tuple[str, ...], log_level: str) -> None:
     """Serve a model over HTTP with an OpenAI-compatible API and a chat page.
 
@@ -66,7 +68,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
                     fg="yellow", err=True)
     click.echo(f"llmkit: loading {model}; serving on http://{host}:{port} (chat page at /, API docs at /docs)",
                err=True)
-    run(model, host=host, port=port, quantize=quantize, config=config, log_level=log_level)
+    run(model, host=host, port=port, quantize=quantize, executor=executor, dtype=dtype, config=config,
+        log_level=log_level)
 
 
 COMMANDS = [serve]

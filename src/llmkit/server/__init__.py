@@ -13,7 +13,8 @@ __all__ = ["ServerConfig", "create_app", "serve"]
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: str = "none",
-          config: ServerConfig | None = None, log_level: str = "info") -> int:
+          executor: str = "auto", dtype: str | None = None, config: ServerConfig | None = None,
+          log_level: str = "info") -> int:
     """Load ``model`` (in a background thread) and serve it until SIGTERM/SIGINT; return an exit code.
 
     On the signal the server stops accepting connections, answers /ready with 503, and gives the
@@ -29,7 +30,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: st
     def load():
         import llmkit
 
-        return llmkit.load(model, quantize=quantize, max_batch=config.max_batch, progress=False)
+        return llmkit.load(model, quantize=quantize, executor=executor, dtype=dtype,
+                           max_batch=config.max_batch, progress=False)
 
     server: uvicorn.Server | None = None
 
