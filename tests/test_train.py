@@ -1,5 +1,6 @@
-"""Data preparation and pretraining: cleaning, shards, exact resume after kill -9, atomic
-checkpoints, several processes with torchrun (gloo) against one, and the CLI commands."""
+"""Data preparation and pretraining: cleaning (plugin cleaners too), shards, exact resume after kill -9,
+atomic checkpoints, several processes with torchrun (gloo; DDP and FSDP) against one, and the CLI
+commands."""
 
 from __future__ import annotations
 
@@ -159,6 +160,99 @@ def test_prepare_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bad.jsonl"]
 
 
+CLEANER_PLUGINS = {
+    "cleaners": """
+import re
+
+from llmkit.plugins import hookimpl
+
+
+def redact_keys(text):
+    return re.sub(r"key-[0-9]+", "[KEY]", text)
+
+
+def drop_drafts(text):
+    return None if text.startswith("DRAFT") else text
+
+
+@hookimpl
+def register_cleaners(register):
+    register("redact-keys", redact_keys)
+    register("drop-drafts", drop_drafts)
+""",
+    "miscounting": """
+from llmkit.plugins import hookimpl
+
+
+@hookimpl
+def register_cleaners(register):
+    register("count-words", lambda text: len(text.split()))
+""",
+}
+
+
+@pytest.fixture
+def cleaner_plugins(tmp_path, monkeypatch):
+    """Two plugin 'packages' with cleaners, installed the way pip would: modules plus dist-info entry points."""
+    from llmkit import plugins
+
+    site = tmp_path / "site"
+    for name, code in CLEANER_PLUGINS.items():
+        (site / f"{name}_plugin-1.0.dist-info").mkdir(parents=True)
+        (site / f"{name}_plugin.py").write_text(code)
+        (site / f"{name}_plugin-1.0.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 1.0\n")
+        (site / f"{name}_plugin-1.0.dist-info" / "entry_points.txt").write_text(f"[llmkit]\n{name} = {name}_plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+
+    def select(name: str) -> None:
+        monkeypatch.setenv("LLMKIT_PLUGINS", name)
+        plugins.reset()
+
+    yield select
+    plugins.reset()
+    for name in CLEANER_PLUGINS:
+        sys.modules.pop(f"{name}_plugin", None)
+
+
+def test_prepare_runs_the_plugins_cleaners_and_reports_them(cleaner_plugins, tmp_path):
+    cleaner_plugins("cleaners")
+    rng = np.random.default_rng(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = {"a": "Use key-1234 and key-99 to open.", "b": "No secrets here.", "c": "DRAFT: key-5 is the key.",
+            "d": "Plain text again."}
+    docs = {name: f"{text} {' '.join(rng.choice(WORDS, size=40))}" for name, text in docs.items()}
+    for name, text in docs.items():
+        (src / f"{name}.txt").write_text(text)
+    lines: list[str] = []
+    meta = prepare([src], tmp_path / "data", vocab_size=300, val_fraction=0, progress=False, log=lines.append)
+
+    report = meta["cleaning"]
+    assert report["cleaners"] == {
+        # key-1234 -> [KEY] removes 3 characters, key-99 one, key-5 none (the document still changed)
+        "redact-keys": {"changed": {"documents": 2, "characters_removed": 4}, "dropped": {"documents": 0, "characters": 0}},
+        "drop-drafts": {"changed": {"documents": 0, "characters_removed": 0},
+                        "dropped": {"documents": 1, "characters": len(docs["c"])}},
+    }
+    assert report["kept"]["documents"] == meta["train"]["documents"] == 3
+    printed = [line.split()[:5] for line in lines]
+    assert ["redact-keys", "0", "documents", "-4", "characters"] in printed
+    assert ["drop-drafts", "-1", "documents", f"-{len(docs['c'])}", "characters"] in printed
+    data = TokenData(tmp_path / "data")
+    text = data.tokenizer().decode(data.window("train", 0, data.tokens("train")).tolist())
+    assert "Use [KEY] and [KEY] to open." in text and "No secrets here." in text
+    assert "key-" not in text and "DRAFT" not in text
+
+
+def test_a_cleaner_that_breaks_its_contract_is_named_and_nothing_is_written(cleaner_plugins, tmp_path):
+    cleaner_plugins("miscounting")
+    src = _corpus_files(tmp_path / "src")
+    with pytest.raises(DataError, match="cleaner 'count-words' returned int"):
+        prepare([src], tmp_path / "data", vocab_size=300, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "data").exists()
+
+
 def test_demo_corpus_is_the_standard_library():
     from itertools import islice
 
@@ -169,6 +263,12 @@ def test_demo_corpus_is_the_standard_library():
 
 
 # ------------------------------------------------------------------ pretraining
+
+
+def _torchrun(*args) -> list[str]:
+    """Two processes on the CPU (gloo), through the real `llmkit` entry point (llmkit.cli)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmkit.cli",
+            *map(str, args)]
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -243,17 +343,64 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tiny_yaml,
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmkit.cli",
-           "pretrain", "--data", prepared, "--out", two, "--config", tiny_yaml, "--quiet", "--max-steps", steps,
-           "--device", "cpu"]
-    env = _env()
-    # the real `llmkit` entry (llmkit.cli) must find the train commands
-    r = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=300)
+    cmd = _torchrun("pretrain", "--data", prepared, "--out", two, "--config", tiny_yaml, "--quiet", "--max-steps", steps,
+                    "--device", "cpu")
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
+
+
+def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(prepared, tiny_yaml, tmp_path):
+    from safetensors.torch import load_file
+
+    import llmkit
+
+    steps = 6  # checkpoints at 5 and 6
+    one = tmp_path / "one"
+    r = subprocess.run(_pretrain_cmd(prepared, one, tiny_yaml, "--max-steps", steps, "--micro-batch-size", 2),
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    fsdp = tmp_path / "fsdp"
+    cmd = _torchrun("pretrain", "--data", prepared, "--out", fsdp, "--config", tiny_yaml, "--quiet", "--max-steps",
+                    steps, "--device", "cpu", "--strategy", "fsdp")
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = _losses(one), _losses(fsdp)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    assert json.loads((fsdp / "checkpoints" / "step-00000006" / "state.json").read_text())["settings"]["strategy"] == "fsdp"
+
+    # rank 0 wrote full tensors, the same as one process's, not shards
+    for step in (5, 6):
+        name = f"checkpoints/step-{step:08d}/model.safetensors"
+        mine, ref = load_file(str(fsdp / name)), load_file(str(one / name))
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(mine[k], ref[k], atol=1e-4, rtol=1e-4)
+    # the final model: an HF folder that llmkit loads, computing what the one-process model computes
+    ids = llmkit.load(one).tokenizer.encode("Document 3. alpha beta")
+    torch.testing.assert_close(llmkit.load(fsdp).logits(ids), llmkit.load(one).logits(ids), atol=1e-4, rtol=1e-4)
+
+    # cut back to step 5, as if killed there, and resume under FSDP: the same step 6
+    import shutil
+
+    shutil.rmtree(fsdp / "checkpoints" / "step-00000006")
+    (fsdp / "checkpoints" / "latest").write_text("step-00000005\n")
+    r = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = _losses(fsdp)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    assert resumed[6] == pytest.approx(b[6], abs=1e-6)
+
+
+def test_fsdp_needs_several_processes(prepared, tiny_yaml, tmp_path):
+    r = subprocess.run(_pretrain_cmd(prepared, tmp_path / "x", tiny_yaml, "--max-steps", 1, "--strategy", "fsdp"),
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "torchrun" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_settings_are_clear_errors(prepared, tmp_path):

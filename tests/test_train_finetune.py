@@ -1,6 +1,6 @@
 """Fine-tuning: LoRA as a transform (identity at start, merge equals unmerged), loss only on the
-assistant's tokens, saved folders that llmkit and transformers load with the same logits, and
-clear errors for bad data."""
+assistant's tokens, saved folders that llmkit and transformers load with the same logits, LoRA
+under FSDP, adapters that PEFT and llmkit read from each other, and clear errors for bad data."""
 
 from __future__ import annotations
 
@@ -189,3 +189,114 @@ def test_finetune_cli_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+def test_lora_under_fsdp_matches_one_process(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmkit.train.metrics import read_metrics
+
+    base = tiny_model_dir("llama")
+    data = _write_jsonl(tmp_path / "train.jsonl", _chat_rows())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LLMKIT_DEBUG", None)
+    args = ["finetune", "-m", base, "--data", data, "--val", data, "--lora-targets", "all", "--lr", "0.01",
+            "--batch-size", "4", "--max-steps", "4", "--eval-interval", "2", "--device", "cpu", "--quiet"]
+    one = [str(Path(sys.executable).parent / "llmkit"), *args, "--out", tmp_path / "one", "--micro-batch-size", "2"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmkit.cli",
+           *args, "--out", tmp_path / "two", "--strategy", "fsdp"]
+    for cmd in (one, two):
+        r = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def losses(out):
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(out / "metrics.jsonl")]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [r[0] for r in a] == [r[0] for r in b] and any(r[2] is not None for r in b)
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, abs=1e-4)
+    adapter_one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    adapter_two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert adapter_one.keys() == adapter_two.keys()
+    for k in adapter_one:
+        torch.testing.assert_close(adapter_two[k], adapter_one[k], atol=1e-5, rtol=1e-4)
+    ids = llmkit.load(base).tokenizer.encode("Color of Travok?")
+    torch.testing.assert_close(llmkit.load(tmp_path / "two").logits(ids), llmkit.load(tmp_path / "one").logits(ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ PEFT's adapter format
+
+
+def _peft_logits(base: Path, adapter: Path, ids) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                      str(adapter)).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_llmkit_adapter_is_a_peft_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmkit.train.lora import save_adapter
+
+    base = tiny_model_dir("llama")
+    llm = llmkit.load(base)
+    torch.manual_seed(0)
+    apply_lora(llm.model, ["q_proj", "v_proj", "o_proj", "down_proj"], rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_state(llm.model).values():
+            p.normal_(0, 0.2)  # B too: an adapter that changes the model
+    adapter = save_adapter(llm.model, tmp_path / "adapter", base=str(base), rank=4, alpha=8, dropout=0.05)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias",
+                                   "fan_in_fan_out", "base_model_name_or_path")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
+        "fan_in_fan_out": False, "base_model_name_or_path": str(base)}
+    assert sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    names = set(load_file(str(adapter / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in names
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight" in names and len(names) == 2 * 2 * 4
+
+    ids = llm.tokenizer.encode("The quick brown fox")
+    with torch.no_grad():
+        unmerged = llm.model(torch.tensor([ids]))[0]
+    assert not torch.allclose(unmerged, llmkit.load(base).logits(ids), atol=1e-3)
+    torch.testing.assert_close(_peft_logits(base, adapter, ids), unmerged, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llmkit.load(adapter).logits(ids), unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_llmkit_loads_an_adapter_made_by_peft(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_dir("qwen2")  # tied embeddings, attention biases
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj", "gate_proj", "up_proj"],
+                        alpha_pattern={"up_proj": 2}, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(hf, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # PEFT starts B at zero: make the adapter do something
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+
+    llm = llmkit.load(tmp_path / "adapter")
+    ids = llm.tokenizer.encode("Paris is the capital of France")
+    expected = _peft_logits(base, tmp_path / "adapter", ids)
+    assert not torch.allclose(expected, llmkit.load(base).logits(ids), atol=1e-3)
+    torch.testing.assert_close(llm.logits(ids), expected, atol=1e-4, rtol=1e-4)
+
+    # what llmkit cannot apply is refused by name, not silently ignored
+    from llmkit.errors import ModelFormatError
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ModelFormatError, match="use_dora"):
+        llmkit.load(tmp_path / "adapter")

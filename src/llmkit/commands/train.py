@@ -54,6 +54,9 @@ def _budget_options(fn):
         click.option("--seed", type=int, default=None, help="Same seed, same run."),
         click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)."),
+        click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
+                     help="Several processes (torchrun): ddp keeps a whole model in each (default); fsdp shards "
+                          "weights, gradients and optimizer state over them, for a model too big for one GPU."),
         click.option("--compile/--no-compile", "compile_", default=None,
                      help="torch.compile the model (default: on GPU only)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -65,7 +68,7 @@ def _budget_options(fn):
 
 def _overrides(kwargs) -> dict:
     keys = ("max_steps", "max_tokens", "max_minutes", "batch_size", "micro_batch_size", "lr", "warmup_steps",
-            "eval_interval", "checkpoint_interval", "seed")
+            "eval_interval", "checkpoint_interval", "seed", "strategy")
     out = {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
     if kwargs.get("compile_") is not None:
         out["compile"] = kwargs["compile_"]
@@ -84,7 +87,8 @@ def pretrain(data, config, out, seq_len, resume, device, quiet, **kwargs):
 
     The final model is written to OUT in Hugging Face format: `llmkit generate -m OUT` uses it.
     Checkpoints go to OUT/checkpoints, metrics to OUT/metrics.jsonl and OUT/loss.png. Several
-    processes: `torchrun --nproc_per_node N -m llmkit.cli pretrain ...`.
+    processes: `torchrun --nproc_per_node N -m llmkit.cli pretrain ...` (add `--strategy fsdp` to
+    shard a model that does not fit one GPU).
 
     \b
     Example:
@@ -147,7 +151,8 @@ def finetune(base, data, val, method, out, epochs, max_seq_len, lora_rank, lora_
     model's chat template and only the assistant's tokens are learned.
 
     OUT gets the merged model in Hugging Face format (`llmkit generate -m OUT`, transformers) and,
-    for LoRA, the adapter alone in OUT/adapter.
+    for LoRA, the adapter alone in OUT/adapter, in PEFT's format (`llmkit.load` and
+    `peft.PeftModel.from_pretrained` read it).
     """
     from llmkit.train.finetune import finetune as run
 

@@ -1,8 +1,9 @@
 """``llmkit prepare``: raw files -> clean documents -> token ids packed in binary shards.
 
 Two streaming passes, so memory does not grow with the corpus (beyond one hash per document for
-deduplication): pass 1 reads, cleans, filters and deduplicates into a temporary JSONL file (and
-trains a tokenizer from it when asked); pass 2 tokenizes that file into shards. Everything is
+deduplication): pass 1 reads, cleans (normalisation, then the cleaners plugins register through
+``register_cleaners``), filters and deduplicates into a temporary JSONL file (and trains a
+tokenizer from it when asked); pass 2 tokenizes that file into shards. Everything is
 written into a temporary folder renamed into place at the end: a failure writes nothing.
 
 Layout of the output folder::
@@ -21,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -73,8 +74,8 @@ def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
             raise DataError(f"{path}:{number}: no 'text' string or 'messages' list (keys: {sorted(row)})")
 
 
-def read_documents(files: list[Path]) -> Iterator[tuple[str, str]]:
-    """(source, raw text) for every document in the given files."""
+def read_documents(files: list[Path], html: Callable[[str], str | None] = html_to_text) -> Iterator[tuple[str, str]]:
+    """(source, raw text) for every document in the given files; ``html`` turns a page into text."""
     for path in files:
         suffix = path.suffix.lower()
         if suffix in JSONL_SUFFIXES:
@@ -84,7 +85,7 @@ def read_documents(files: list[Path]) -> Iterator[tuple[str, str]]:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
-        yield str(path), html_to_text(text) if suffix in HTML_SUFFIXES else text
+        yield str(path), (html(text) or "") if suffix in HTML_SUFFIXES else text
 
 
 def sha256_file(path: Path) -> str:
@@ -98,6 +99,17 @@ def sha256_file(path: Path) -> str:
 # ------------------------------------------------------------------ cleaning report
 
 @dataclass
+class CleanerCounts:
+    """What one plugin cleaner did: documents it changed (and the characters that removed), and
+    documents it dropped (and their characters)."""
+
+    changed: int = 0
+    removed_chars: int = 0
+    dropped: int = 0
+    dropped_chars: int = 0
+
+
+@dataclass
 class Report:
     """Documents and characters seen, and dropped at each step."""
 
@@ -108,6 +120,7 @@ class Report:
     kept_docs: int = 0
     kept_chars: int = 0
     normalization_removed_chars: int = 0
+    cleaners: dict[str, CleanerCounts] = field(default_factory=dict)  # the plugins', by name
 
     def drop(self, reason: str, chars: int) -> None:
         self.dropped[reason][0] += 1
@@ -117,6 +130,9 @@ class Report:
         return {
             "read": {"documents": self.read_docs, "characters": self.read_chars},
             "normalization_removed_characters": self.normalization_removed_chars,
+            "cleaners": {name: {"changed": {"documents": c.changed, "characters_removed": c.removed_chars},
+                                "dropped": {"documents": c.dropped, "characters": c.dropped_chars}}
+                         for name, c in self.cleaners.items()},
             "dropped": {k: {"documents": d, "characters": c} for k, (d, c) in self.dropped.items()},
             "kept": {"documents": self.kept_docs, "characters": self.kept_chars},
         }
@@ -124,10 +140,38 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"read        {self.read_docs:>9,} documents {self.read_chars:>13,} characters"]
         out.append(f"normalized  {'':>9} {'':>9} {-self.normalization_removed_chars:>13,} characters")
+        for name, c in self.cleaners.items():
+            out.append(f"{name:<16}{-c.dropped:>5,} documents {-(c.removed_chars + c.dropped_chars):>13,} characters "
+                       f"({c.changed:,} documents changed)")
         for k, (d, c) in self.dropped.items():
             out.append(f"{k:<16}{-d:>5,} documents {-c:>13,} characters")
         out.append(f"kept        {self.kept_docs:>9,} documents {self.kept_chars:>13,} characters")
         return out
+
+
+# ------------------------------------------------------------------ plugin cleaners
+
+def run_cleaners(cleaners: dict[str, Callable[[str], str | None]], text: str, source: str,
+                 report: Report) -> str | None:
+    """``text`` through each plugin cleaner in turn; None as soon as one drops it."""
+    for name, step in cleaners.items():
+        try:
+            out = step(text)
+        except Exception as exc:  # a plugin's bug: say whose, and on which document
+            raise DataError(f"{source}: cleaner {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        counts = report.cleaners[name]
+        if out is None:
+            counts.dropped += 1
+            counts.dropped_chars += len(text)
+            return None
+        if not isinstance(out, str):
+            raise DataError(f"cleaner {name!r} returned {type(out).__name__}: a cleaner returns the cleaned text, "
+                            "or None to drop the document")
+        if out != text:
+            counts.changed += 1
+            counts.removed_chars += len(text) - len(out)
+        text = out
+    return text
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -245,8 +289,14 @@ def prepare(inputs: Iterable[str | Path] = (), out: str | Path = "data", *, toke
 
 def _prepare(files, tmp: Path, tokenizer_name, vocab_size, val_fraction, min_chars, near_threshold, demo,
              shard_tokens, progress, log, tqdm) -> dict[str, Any]:
+    from llmkit.plugins import registry
+
+    # "html" and "normalize" are prepare's own steps (a plugin may replace them by name); every other
+    # registered cleaner runs after normalisation, before the length and duplicate filters
+    cleaners = dict(registry("cleaners"))
+    html, norm = cleaners.pop("html", html_to_text), cleaners.pop("normalize", normalize)
     sources = [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files]
-    documents: Iterable[tuple[str, str]] = read_documents(files)
+    documents: Iterable[tuple[str, str]] = read_documents(files, html)
     if demo:
         from itertools import chain
 
@@ -257,17 +307,20 @@ def _prepare(files, tmp: Path, tokenizer_name, vocab_size, val_fraction, min_cha
         sources.append({"path": f"demo: Python {sys.version.split()[0]} standard library at {stdlib_root()}"})
         documents = chain(documents, stdlib_documents())
 
-    # pass 1: clean, filter, deduplicate -> clean.jsonl
-    report = Report()
+    # pass 1: clean (normalize, then the plugins' cleaners), filter, deduplicate -> clean.jsonl
+    report = Report(cleaners={name: CleanerCounts() for name in cleaners})
     exact: set[bytes] = set()
     near = NearDuplicates(threshold=near_threshold) if near_threshold else None
     clean_path = tmp / "clean.jsonl"
     with open(clean_path, "w", encoding="utf-8") as f:
-        for _source, raw in tqdm(documents, desc="cleaning", unit=" docs", disable=not progress):
+        for source, raw in tqdm(documents, desc="cleaning", unit=" docs", disable=not progress):
             report.read_docs += 1
             report.read_chars += len(raw)
-            text = normalize(raw)
+            text = norm(raw) or ""
             report.normalization_removed_chars += len(raw) - len(text)
+            text = run_cleaners(cleaners, text, source, report) if text else text
+            if text is None:
+                continue
             if not text:
                 report.drop("empty", 0)
                 continue

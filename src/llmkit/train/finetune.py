@@ -144,6 +144,7 @@ class FinetuneTask:
         self.s, self.lora, self.base, self.pad_id = s, lora, base, pad_id
         self._orders: dict[int, list[int]] = {}
         self.adapter_only = False
+        self.peft_form = lora is not None  # the LoRA layers have PEFT names: OUT/adapter is written
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -215,7 +216,9 @@ class FinetuneTask:
         if self.lora is not None:
             from llmkit.train.lora import merge_lora, save_adapter
 
-            save_adapter(model, out if self.adapter_only else out / "adapter", base=self.base, **self.lora)
+            if self.adapter_only or self.peft_form:
+                save_adapter(model, out if self.adapter_only else out / "adapter", base=self.base,
+                             rank=self.lora["rank"], alpha=self.lora["alpha"], dropout=self.lora["dropout"])
             if self.adapter_only:
                 return
             merge_lora(model)
@@ -259,21 +262,29 @@ def finetune(base: str, data: str | Path, out: str | Path, *, val: str | Path | 
         if "eval_interval" not in overrides and s.max_steps:
             s.eval_interval = max(1, s.max_steps // 5)
 
-        lora = None
+        lora, peft_form = None, False
         if method == "lora":
-            from llmkit.train.lora import apply_lora, parse_targets
+            from llmkit.train.lora import apply_lora, hf_layer_names, parse_targets
 
             targets = parse_targets(lora_targets)
             torch.manual_seed(s.seed)  # the A matrices' initial values
-            apply_lora(model, targets, lora_rank, lora_alpha, lora_dropout)
+            wrapped = apply_lora(model, targets, lora_rank, lora_alpha, lora_dropout)
             lora = {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": list(targets)}
+            peft_form = hf_layer_names(model.config, wrapped) is not None
+            if not peft_form:
+                why = (f"LoRA on {model.config.architecture}'s {', '.join(targets)} has no PEFT adapter form "
+                       "(those layers are fused or transposed in the Hugging Face model)")
+                if adapter_only:
+                    raise TrainConfigError(f"--adapter-only: {why}; drop --adapter-only to get the merged model")
+                if d.main:
+                    log(f"note: {why}: OUT gets the merged model only")
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         base_name = str(Path(base).resolve()) if Path(base).exists() else base
         task = FinetuneTask(model, tokenizer, train_set, val_set, s, lora, base_name, pad)
-        task.adapter_only = adapter_only
+        task.adapter_only, task.peft_form = adapter_only, peft_form
         if d.main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())

@@ -7,14 +7,20 @@ number, and a run resumed from step k (after ``kill -9`` even) repeats the unint
 numbers from step k on.
 
 Several processes (``torchrun``): each takes its rows of the global batch; gradients are averaged
-by DistributedDataParallel; the loss of a micro-batch is its summed token loss divided by the
-token count of the whole global batch (times the world size, which DDP's averaging divides out), so
-that any split of the global batch over processes and micro-batches gives the same gradient.
+by DistributedDataParallel (``strategy="ddp"``: a whole copy of the model in each process) or by
+FSDP (``strategy="fsdp"``: each process holds a shard of every weight, gradient and optimizer
+state, for models that do not fit one GPU); the loss of a micro-batch is its summed token loss
+divided by the token count of the whole global batch (times the world size, which the averaging
+divides out), so that any split of the global batch over processes and micro-batches gives the
+same gradient. Checkpoints hold the full weights either way (gathered on rank 0 under FSDP), and
+the optimizer state keyed by parameter name, so a run can resume under the other strategy or
+another number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -24,6 +30,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmkit.train.errors import CheckpointError, TrainConfigError
@@ -52,6 +59,7 @@ class TrainSettings:
     log_interval: int = 10
     seed: int = 1337
     compile: bool | None = None  # None: on CUDA only (compiling costs minutes on a small CPU)
+    strategy: str = "ddp"  # several processes: "ddp" (a copy of the model each) or "fsdp" (sharded)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -137,6 +145,63 @@ def _broadcast_int(value: int, d: Dist) -> int:
     return int(t)
 
 
+# ------------------------------------------------------------------ sharding (FSDP), full state
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def shard_model(model: nn.Module, d: Dist) -> None:
+    """FSDP2 in place: each transformer block is sharded on its own (its full weights exist only
+    during its forward and backward), then the root takes the rest (embeddings, final norm, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (taken before sharding) whose parameters are on the meta device: no
+    memory, only the structure into which ``gather_full`` puts the full weights."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def gather_full(model: nn.Module, frame: nn.Module) -> nn.Module | None:
+    """A plain copy of the sharded ``model`` with its full weights on the CPU, built from ``frame``
+    (its ``meta_copy``), on rank 0; None on the other ranks. Every process must call it (it
+    gathers the shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return None
+    whole = copy.deepcopy(frame)  # frame stays empty: the full weights live only as long as the copy
+    whole.load_state_dict(state, assign=True)
+    if hasattr(whole, "tie_weights"):
+        whole.tie_weights()
+    return whole
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state, full, on the CPU and keyed by parameter name (the same for one process,
+    DDP and FSDP); empty except on rank 0. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what ``optimizer_state`` saved, each process taking its shard under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 # ------------------------------------------------------------------ schedule, optimizer
 
 def learning_rate(step: int, s: TrainSettings, max_steps: int) -> float:
@@ -198,12 +263,17 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
     max_steps = plan_steps(s, tokens_per_step)
     if max_steps is None and s.max_minutes is None:
         raise TrainConfigError("say when to stop: --max-steps, --max-tokens or --max-minutes")
+    if s.strategy not in STRATEGIES:
+        raise TrainConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {s.strategy!r}")
+    sharded = s.strategy == "fsdp"
+    if sharded and world == 1:
+        raise TrainConfigError("--strategy fsdp shards the model over several processes: start them with "
+                               "torchrun --nproc_per_node N (one process trains the whole model anyway)")
 
-    model.to(d.device)
-    optimizer = make_optimizer(model, s, d.device)
     start_step = 0
     elapsed_before = 0.0
     tokens_before = 0
+    opt_state = None
     if resume:
         found = latest_checkpoint(ckpt_dir)
         if found is None:
@@ -217,8 +287,7 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
                     raise CheckpointError(
                         f"{found} was written with {key}={saved[key]}, this run has {getattr(s, key)}: "
                         "resume with the same settings, or start a new --out")
-            task.load_trainable(model, weights)
-            optimizer.load_state_dict(opt_state)
+            task.load_trainable(model, weights)  # before sharding: every process reads the full weights
             start_step = int(state["step"])
             max_steps = state.get("max_steps", max_steps) if max_steps is None else max_steps
             elapsed_before = float(state.get("elapsed_s", 0.0))
@@ -226,9 +295,18 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
             if d.main:
                 log(f"resuming from {found} (step {start_step})")
 
+    frame = meta_copy(model) if sharded else None
+    if sharded:
+        shard_model(model, d)  # moves the shards to the device
+    else:
+        model.to(d.device)
+    optimizer = make_optimizer(model, s, d.device)
+    if opt_state is not None:
+        load_optimizer_state(model, optimizer, opt_state)
+
     compile_it = s.compile if s.compile is not None else d.device.type == "cuda"
     forward_model = torch.compile(model) if compile_it else model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         forward_model = DDP(forward_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -247,20 +325,35 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
     timed: list[float] = []
     tokens_seen = 0
 
+    def whole_model() -> nn.Module | None:
+        """The model with its full weights: itself, or under FSDP a gathered copy on rank 0."""
+        return gather_full(model, frame) if sharded else model
+
+    def gradient_sync(last_micro_batch: bool):
+        """Gradients are exchanged between processes once a step, after its last micro-batch."""
+        if sharded:
+            model.set_requires_gradient_sync(last_micro_batch)
+        elif world > 1 and not last_micro_batch:
+            return forward_model.no_sync()
+        return contextlib.nullcontext()
+
     def save(step_now: int) -> None:
+        whole, opt_state = whole_model(), optimizer_state(model, optimizer)
         if d.main:
             state = {"settings": asdict(s), "max_steps": max_steps, "tokens": tokens_before + tokens_seen,
                      "elapsed_s": elapsed_before + time.perf_counter() - t_start, **(describe or {})}
-            save_checkpoint(ckpt_dir, step_now, task.trainable_state(model), optimizer.state_dict(), state,
+            save_checkpoint(ckpt_dir, step_now, task.trainable_state(whole), opt_state, state,
                             keep=s.keep_checkpoints)
 
     def evaluate(step_now: int) -> None:
-        if not d.main:
+        if not (d.main or sharded):  # sharded, every process takes part in each forward pass
             return
         model.eval()
         with torch.no_grad(), autocast:
             result = task.evaluate(model)
         model.train()
+        if not d.main:
+            return
         if result:
             metrics.write({"step": step_now, **result})
             last.update({k: v for k, v in result.items() if k == "val_loss"})
@@ -286,9 +379,7 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
             step_tokens = sum(x.numel() for x, _ in batches) * world
             for i, (x, y) in enumerate(batches):
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-                sync = (i == len(batches) - 1) or world == 1
-                ctx = forward_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                with ctx, autocast:
+                with gradient_sync(i == len(batches) - 1), autocast:
                     logits = forward_model(x)
                     total = token_loss_sum(logits, y)
                     loss = total * world / max(1, count)
@@ -333,13 +424,14 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
                     break
     finally:
         bar.close()
+    if not stopped_early:
+        whole = whole_model()
+        if d.main:
+            task.export(whole, out)
     if d.main:
-        if not stopped_early:
-            task.export(model, out)
         metrics.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png", baseline)
     seconds = time.perf_counter() - t_start
-    steps_run = step - start_step
     return {"step": step, "max_steps": max_steps, "loss": last["loss"], "val_loss": last["val_loss"],
             "seconds": seconds, "tokens_per_s": tokens_seen / seconds if seconds else 0.0,
             "finished": not stopped_early}

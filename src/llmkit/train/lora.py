@@ -7,16 +7,21 @@ so that the wrapped model starts out computing exactly what the base did. The mo
 touched (no parallel class tree): ``apply_lora`` swaps modules in place, ``merge_lora`` folds each
 update into its weight and swaps the plain ``nn.Linear`` back, leaving a model any format can save.
 
-An adapter folder holds ``adapter_model.safetensors`` (the A and B matrices, under llmkit's module
-names) and ``adapter_config.json`` (rank, alpha, targets, and the base model it belongs to).
+An adapter folder is in PEFT's format, so that ``peft.PeftModel.from_pretrained`` reads what llmkit
+writes and ``llmkit.load`` reads what PEFT writes: ``adapter_model.safetensors`` holds the A and B
+matrices under the Hugging Face model's module names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), and ``adapter_config.json``
+PEFT's fields (rank, alpha, targets, and the base model it belongs to). Module names are translated
+with the architecture's own HF weight-name maps (``llmkit.formats.archs``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -133,16 +138,62 @@ def load_lora_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
             params[k].copy_(v)
 
 
-def save_adapter(model: nn.Module, folder: str | Path, *, base: str, rank: int, alpha: float, dropout: float,
-                 targets: Iterable[str], extra: dict[str, Any] | None = None) -> Path:
+# ------------------------------------------------------------------ PEFT's adapter format
+
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+
+
+def _map_layer(convert, config, module: str) -> str | None:
+    """The module name that ``convert`` (an architecture's weight-name map, either way) gives the
+    linear layer ``module``, when it maps that one layer onto one layer of the same layout; else
+    None (a fused or transposed layer, like GPT-2's c_attn, has no LoRA counterpart)."""
+    if convert is None:
+        return None
+    probe = torch.empty(2, 3)  # not square: a transposing map shows
+    try:
+        out = list(convert(config, iter([(f"{module}.weight", probe)])))
+    except KeyError:
+        return None
+    if len(out) != 1 or out[0][1].shape != probe.shape or not out[0][0].endswith(".weight"):
+        return None
+    return out[0][0].removesuffix(".weight")
+
+
+def hf_layer_names(config, modules: Iterable[str]) -> dict[str, str] | None:
+    """llmkit module name -> HF module name (``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``)
+    for each wrapped layer; None if one of them has no single HF counterpart."""
+    from llmkit.formats.archs import get_architecture
+
+    convert = get_architecture(config.architecture).weights_to_hf
+    names = {m: _map_layer(convert, config, m) for m in modules}
+    return None if None in names.values() else names
+
+
+def save_adapter(model: nn.Module, folder: str | Path, *, base: str, rank: int, alpha: float,
+                 dropout: float) -> Path:
+    """Write the LoRA layers of ``model`` as a PEFT adapter folder (``base``: the base model's path or name)."""
     from safetensors.torch import save_file
 
+    state = lora_state(model)
+    names = hf_layer_names(model.config, {k.rsplit(".", 1)[0] for k in state})
+    if names is None:
+        raise TrainConfigError(f"LoRA on {model.config.architecture} layers has no PEFT form: "
+                               "they are fused or transposed in the Hugging Face model")
+    tensors = {}
+    for key, t in state.items():
+        module, kind = key.rsplit(".", 1)  # kind: lora_A or lora_B
+        tensors[f"{PEFT_PREFIX}{names[module]}.{kind}.weight"] = t.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+        "lora_alpha": alpha, "lora_dropout": dropout,
+        # PEFT matches a target against the end of a module's name: the HF layer names
+        "target_modules": sorted({names[m].rsplit(".", 1)[-1] for m in names}),
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state(model).items()}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {"format": "llmkit-lora", "peft_type": "LORA", "base_model_name_or_path": base, "r": rank,
-              "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets), **(extra or {})}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -151,29 +202,79 @@ def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).exists() and not (Path(folder) / "config.json").exists()
 
 
+def _alpha(config: dict, hf_module: str) -> float:
+    """PEFT's alpha for one layer: an ``alpha_pattern`` key matching the end of its name, else lora_alpha."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", hf_module):
+            return alpha
+    return config["lora_alpha"]
+
+
+def merge_peft_weights(model: nn.Module, weights: dict[str, torch.Tensor], config: dict, where: str) -> None:
+    """Add each adapted layer's update ``scaling * B @ A`` (PEFT tensor names) into ``model``'s weights."""
+    from llmkit.errors import ModelFormatError
+    from llmkit.formats.archs import get_architecture
+
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "modules_to_save", "layer_replication") if config.get(k)]
+    unsupported += ["bias"] if config.get("bias", "none") != "none" else []
+    if unsupported:
+        raise ModelFormatError(f"{where}: adapter settings llmkit does not support: {', '.join(unsupported)}")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in weights.items():
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB])\.weight", name)
+        if m is None:
+            raise ModelFormatError(f"{where}: unexpected tensor {name!r}: llmkit reads the LoRA A and B matrices "
+                                   f"of linear layers ({PEFT_PREFIX}<module>.lora_A.weight)")
+        pairs.setdefault(m[1], {})[m[2]] = t
+    convert = get_architecture(model.config.architecture).weights_from_hf
+    for hf_module, ab in pairs.items():
+        module = _map_layer(convert, model.config, hf_module)
+        layer = model.get_submodule(module) if module else None
+        if not isinstance(layer, nn.Linear) or set(ab) != {"lora_A", "lora_B"}:
+            raise ModelFormatError(f"{where}: {hf_module} is not a linear layer of this {model.config.architecture} "
+                                   "base model, or lacks its lora_A or lora_B")
+        a, b = ab["lora_A"].float(), ab["lora_B"].float()
+        if a.shape[1] != layer.in_features or b.shape != (layer.out_features, a.shape[0]):
+            raise ModelFormatError(f"{where}: {hf_module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                                   f"a layer of {layer.in_features} -> {layer.out_features}: another base model?")
+        r, alpha = a.shape[0], _alpha(config, hf_module)
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        with torch.no_grad():
+            layer.weight.copy_((layer.weight.float() + scaling * (b @ a)).to(layer.weight.dtype))
+
+
 def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A ``llmkit.formats.Checkpoint`` of an adapter folder: its base model (read the usual way, by
-    the name or path the adapter records) with the adapter applied and merged."""
+    """A ``llmkit.formats.Checkpoint`` of a PEFT LoRA adapter folder (llmkit's or PEFT's own): its base
+    model (read the usual way, by the name or path the adapter records) with the adapter merged in."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from llmkit import store
-    from llmkit.errors import ModelFormatError
+    from llmkit.errors import ModelFormatError, ModelNotFoundError
     from llmkit.formats import Checkpoint, read_checkpoint
 
     folder = Path(folder)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        base = config["base_model_name_or_path"]
         weights = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ModelFormatError(f"{folder}: not a readable LoRA adapter ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or "lora_alpha" not in config:
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        what = f"a {kind} adapter" if kind else "not a PEFT adapter"
+        raise ModelFormatError(f"{folder}: {what}: llmkit reads LoRA adapters (adapter_config.json with "
+                               "peft_type LORA and lora_alpha)")
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelFormatError(f"{folder}: adapter_config.json names no base model (base_model_name_or_path)")
     base_path = Path(base)
     if not base_path.exists():
-        base_path = store.resolve(base)
+        try:
+            base_path = store.resolve(base)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{folder}: the adapter's base model: {exc}") from None
     ckpt = read_checkpoint(base_path, dtype=torch.float32, device="cpu")
-    apply_lora(ckpt.model, config["target_modules"], config["r"], config["lora_alpha"])
-    load_lora_state(ckpt.model, weights)
-    merge_lora(ckpt.model)
+    merge_peft_weights(ckpt.model, weights, config, str(folder))
     ckpt.model.to(device=device, dtype=dtype).eval()
     return Checkpoint(config=ckpt.config, model=ckpt.model, tokenizer=ckpt.tokenizer, path=folder, format="lora")
 

@@ -131,23 +131,22 @@ class PretrainTask:
 def sample_text(model, tokenizer, prompt: list[int], max_new: int, temperature: float = 0.8, top_k: int = 40,
                 seed: int = 0) -> str:
     """A short sample without a KV cache (tiny models, a few dozen tokens). Its own generator: the
-    training run's random numbers are not touched."""
+    training run's random numbers are not touched. Always ``max_new`` forward passes, cut at the
+    first end of sequence afterwards: under FSDP every process must run the same passes."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt)
     limit = model.config.max_position_embeddings
-    eos = tokenizer.eos_token_ids
     for _ in range(max_new):
         x = torch.tensor([ids[-limit:]], device=device)
         logits = model(x, last_only=True)[0, -1].float() / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
-        if token in eos:
-            break
-        ids.append(token)
-    return tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+        ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g)))
+    new, eos = ids[len(prompt):], tokenizer.eos_token_ids
+    ends = [i for i, token in enumerate(new) if token in eos]
+    return tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True)
 
 
 def export_hf_into(model, tokenizer, out: str | Path) -> None:
@@ -214,7 +213,7 @@ def pretrain(data: str | Path, out: str | Path, config: str = "tiny", *, resume:
             n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
             log(f"model: {model_config.architecture}, {model_config.num_layers} layers, hidden "
                 f"{model_config.hidden_size}, {n_params / 1e6:.2f}M parameters, vocabulary {model_config.vocab_size}; "
-                f"{d.world} process(es) on {d.device}")
+                f"{d.world} process(es) on {d.device}" + (f" ({s.strategy})" if d.world > 1 else ""))
         baseline = tokens.meta.get("unigram_val_loss")
         summary = train(model, task, s, out, d=d, resume=resume, progress=progress, baseline=baseline, log=log,
                         describe={"model_config": model_config.to_dict(), "data": str(Path(data).resolve())})
