@@ -93,3 +93,15 @@ def test_an_unknown_dtype_is_refused_by_name(tiny_dir):
 
     with pytest.raises(LLMKitError, match="float8.*auto"):
         llmkit.load(tiny_dir, dtype="float8")
+
+
+def test_one_off_work_runs_in_a_thread_that_ends_and_errors_reach_the_caller():
+    import threading
+
+    from llmkit.threads import in_fresh_thread
+
+    seen = []
+    assert in_fresh_thread(lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(ZeroDivisionError):
+        in_fresh_thread(lambda: 1 / 0)

@@ -11,6 +11,7 @@ from llmkit.engine import Engine, Request
 from llmkit.errors import ContextLengthError, LLMKitError, ModelNotFoundError
 from llmkit.sampling import SamplingParams
 from llmkit.tasks import TaskMixin
+from llmkit.threads import in_fresh_thread
 
 Messages = Sequence[dict[str, Any]]
 
@@ -79,13 +80,16 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     device = torch.device(device) if device is not None else _default_device()
     dtype = resolve_dtype(dtype, device)
 
-    def read():
+    def read_here():
         ckpt = read_checkpoint(path, dtype=dtype, device=device)
         if quantize not in (None, "none"):
             from llmkit.quantize import quantize_model
 
             quantize_model(ckpt.model, quantize)
         return ckpt
+
+    def read():  # torch work off the caller's thread: see llmkit.threads
+        return in_fresh_thread(read_here)
 
     if executor == "auto":
         executor = _auto_executor(Path(path), device, quantize)
@@ -230,5 +234,11 @@ class LLM(TaskMixin):
             raise ContextLengthError(
                 f"{ids.numel()} tokens given, more than the model's context window of {self.context_length}"
             )
-        device = next(self.model.parameters()).device
-        return self.model(ids[None].to(device))[0].float().cpu()
+        model = self.model
+        device = next(model.parameters()).device
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():  # grad mode is per thread: say it in the one that runs
+                return model(ids[None].to(device))[0].float().cpu()
+
+        return in_fresh_thread(run)
