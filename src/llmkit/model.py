@@ -55,7 +55,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        if torch.is_inference_mode_enabled():  # the engine: one fused kernel instead of eight ops
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = x.float()  # training and export: HF's exact steps, float32 inside
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -150,9 +152,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.h, self.d)
         k = self.k_proj(x).view(b, t, self.hk, self.d)
         v = self.v_proj(x).view(b, t, self.hk, self.d)
-        if self.rot:
+        if self.rot:  # q and k rotated together: half the small ops of one decode step
             cos, sin = rope  # (B, T, 1, rot/2)
-            q, k = apply_rope(q, cos, sin, self.rot), apply_rope(k, cos, sin, self.rot)
+            q, k = apply_rope(torch.cat((q, k), dim=2), cos, sin, self.rot).split((self.h, self.hk), dim=2)
         if cache is not None:  # (B, Hk, L, D)
             k, v = cache.update(layer, slots, positions, k.to(cache.k.dtype), v.to(cache.v.dtype), length, span)
         else:
