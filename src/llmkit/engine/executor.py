@@ -11,6 +11,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.threads import in_fresh_thread
 
 
 class Executor(Protocol):
@@ -31,6 +35,49 @@ class Executor(Protocol):
         """Forget the slot's cached keys and values."""
 
 
+class PackedLinear(nn.Linear):
+    """nn.Linear that, in inference mode on CPU with bfloat16 inputs, multiplies by a copy of its
+    weight reordered once for oneDNN. Measured on 2 cores (AVX512-BF16), 576x1536 at 16 rows:
+    0.09 against 0.18 ms for F.linear, which reorders the weight on every call; bit-identical
+    results. Everything else (training, export, float32) takes the plain weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("packed")
+        if packed is not None and x.dtype == torch.bfloat16 and torch.is_inference_mode_enabled():
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Give each plain bfloat16 nn.Linear on CPU a oneDNN-packed copy of its weight (see
+    PackedLinear); return how many. Skipped where oneDNN lacks bfloat16 or where the copies would
+    take more than a quarter of the memory available. Call again after changing the weights."""
+    linears = [m for m in model.modules() if type(m) in (nn.Linear, PackedLinear)
+               and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0
+    size = sum(m.weight.numel() * 2 for m in linears)
+    if size > _available_memory() // 4:
+        return 0
+    with torch.no_grad():
+        for m in linears:
+            m.__class__ = PackedLinear
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+    return len(linears)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _bucket(n: int, limit: int) -> int:
     """Round a cache length up to a power of two (at least 256), never past the context."""
     size = 256
@@ -47,6 +94,7 @@ class TorchExecutor:
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.cache = None
+        in_fresh_thread(lambda: pack_linears(model))  # oneDNN work off the caller's thread: llmkit.threads
 
     def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache
