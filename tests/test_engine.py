@@ -164,3 +164,30 @@ def test_an_error_in_a_request_fails_it_not_the_engine(tiny):
     list(good.events())
     assert good.tokens == alone(tiny, prompts(tiny)[1], greedy(5))
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_packed_bfloat16_linears_equal_plain_ones_and_leave_the_weights_alone(tiny_model_dir):
+    from llmkit.engine.executor import PackedLinear, pack_linears
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 on this CPU")
+    llm = llmkit.load(tiny_model_dir("llama"), dtype="bfloat16")
+    model = llm.model
+    ids = torch.tensor([llm.tokenizer.encode("packed weights give the same numbers")])
+    keys = set(model.state_dict())
+    layer = model.layers[0].mlp.down_proj
+    assert isinstance(layer, PackedLinear)  # the engine packed them at load
+    x = torch.randn(5, 3, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():  # outside inference mode: the plain weight through F.linear
+        plain = layer(x)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), plain)
+        logits = model(ids)
+    assert pack_linears(model) > 0  # packing again (after changing weights) is allowed
+    with torch.inference_mode():
+        assert torch.equal(model(ids), logits)
+    assert set(model.state_dict()) == keys  # the packed copies are not part of the checkpoint
+    # greedy generation through the engine (which packs) equals one request alone
+    prompts = ["one two three", "the cat sat on", "a b c d e"]
+    together = llm.generate(prompts, max_tokens=8, temperature=0)
+    assert together == [llm.generate(p, max_tokens=8, temperature=0) for p in prompts]
