@@ -28,6 +28,7 @@ import torch
 
 from llmkit.errors import LLMKitError
 from llmkit.sampling import SamplingParams
+from llmkit.threads import in_fresh_thread
 
 __all__ = [
     "Task", "Classification", "TaskError", "TaskMixin", "BUILTIN_TASKS", "get_task", "list_tasks",
@@ -233,14 +234,20 @@ class _Stop(Exception):
         self.value = value
 
 
-@torch.inference_mode()
 def hidden_states(llm, tokens: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, C), after the last norm, for right-padded tokens (B, T).
 
     Runs the model up to its final norm and stops there (a forward hook on ``model.norm``), so
     the vocabulary projection, the largest single matrix of a small model, is not computed. The
-    hook acts only in the calling thread: a generation running meanwhile in another is unaffected.
+    hook acts only in the thread that runs it: a generation running meanwhile is unaffected. That
+    thread is a short-lived one (see llmkit.threads), so a server's worker threads that answer
+    embeddings do not keep OpenMP teams that would slow the engine down.
     """
+    return in_fresh_thread(lambda: _hidden_states(llm, tokens))
+
+
+@torch.inference_mode()
+def _hidden_states(llm, tokens: torch.Tensor) -> torch.Tensor:
     model = llm.model
     me = threading.get_ident()
 
