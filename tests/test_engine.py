@@ -191,3 +191,20 @@ def test_packed_bfloat16_linears_equal_plain_ones_and_leave_the_weights_alone(ti
     prompts = ["one two three", "the cat sat on", "a b c d e"]
     together = llm.generate(prompts, max_tokens=8, temperature=0)
     assert together == [llm.generate(p, max_tokens=8, temperature=0) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_packed_linears_with_biases_equal_plain_ones(tiny_model_dir, arch):
+    from llmkit.engine.executor import PackedLinear
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 on this CPU")
+    model = llmkit.load(tiny_model_dir(arch), dtype="bfloat16").model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert any(m.bias is not None for m in packed)
+    for layer in packed:
+        x = torch.randn(4, 2, layer.in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            plain = layer(x)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), plain)
