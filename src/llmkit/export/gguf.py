@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from llmkit.export import ExportError
+from llmkit.formats.archs import LLAMA_TO_GGUF, rename
 
 # --quantize value -> (GGML type of 2-D weights, general.file_type)
 QUANT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
@@ -38,22 +39,6 @@ QUANT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0
 
 _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 _PERMUTED = {"llama"}  # GGUF architectures whose q/k rows llama.cpp expects interleaved
-
-_NAMES = [
-    (r"embed\.weight", "token_embd.weight"),
-    (r"pos_embed\.weight", "position_embd.weight"),
-    (r"norm\.(weight|bias)", r"output_norm.\1"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", r"blk.\1.attn_q.\2"),
-    (r"layers\.(\d+)\.attn\.k_proj\.(weight|bias)", r"blk.\1.attn_k.\2"),
-    (r"layers\.(\d+)\.attn\.v_proj\.(weight|bias)", r"blk.\1.attn_v.\2"),
-    (r"layers\.(\d+)\.attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
-    (r"layers\.(\d+)\.attn_norm\.(weight|bias)", r"blk.\1.attn_norm.\2"),
-    (r"layers\.(\d+)\.mlp_norm\.(weight|bias)", r"blk.\1.ffn_norm.\2"),
-    (r"layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
-    (r"layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
-    (r"layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
-]
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -278,7 +263,7 @@ def _gguf_tensors(model, arch: str):
         if name not in state:
             continue  # fused above
         t = state.pop(name)
-        new = next((re.sub(p, r, name) for p, r in _NAMES if re.fullmatch(p, name)), None)
+        new = rename(LLAMA_TO_GGUF, name)
         if new is None:
             raise ExportError(f"weight {name} has no place in GGUF's {arch} layout")
         if arch in _PERMUTED and re.search(r"attn_q\.", new):

@@ -132,7 +132,8 @@ _LLAMA_HF = [
 _IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
 
 
-def _rename(rules: list[tuple[str, str]], name: str) -> str | None:
+def rename(rules: list[tuple[str, str]], name: str) -> str | None:
+    """``name`` under the first rule whose pattern matches it whole; None if none does."""
     for pattern, target in rules:
         if re.fullmatch(pattern, name):
             return re.sub(pattern, target, name)
@@ -143,7 +144,7 @@ def _llama_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
     for name, t in tensors:
         if _IGNORED.match(name):
             continue
-        new = _rename(_LLAMA_HF, name)
+        new = rename(_LLAMA_HF, name)
         if new is None:
             raise KeyError(name)
         if new == "lm_head.weight" and config.tie_embeddings:
@@ -174,7 +175,7 @@ def _gpt2_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
             for proj, part in zip("qkv", parts):
                 yield f"layers.{m[1]}.attn.{proj}_proj.{m[2]}", part.contiguous()
             continue
-        new = _rename(_GPT2_HF, name)
+        new = rename(_GPT2_HF, name)
         if new is None:
             raise KeyError(name)
         if t.dim() == 2 and (".attn." in new or ".mlp." in new):
@@ -242,21 +243,36 @@ def _gpt2_from_gguf(meta: dict[str, Any]) -> ModelConfig:
 
 # ---------------------------------------------------------------- GGUF tensor names -> llmkit
 
-_LLAMA_GGUF = [
-    (r"token_embd\.weight", "embed.weight"),
-    (r"output_norm\.(weight|bias)", r"norm.\1"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"position_embd\.weight", "pos_embed.weight"),
-    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"layers.\1.attn.q_proj.\2"),
-    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"layers.\1.attn.k_proj.\2"),
-    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"layers.\1.attn.v_proj.\2"),
-    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"layers.\1.attn.o_proj.\2"),
-    (r"blk\.(\d+)\.attn_norm\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (r"blk\.(\d+)\.ffn_norm\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (r"blk\.(\d+)\.ffn_gate\.(weight|bias)", r"layers.\1.mlp.gate_proj.\2"),
-    (r"blk\.(\d+)\.ffn_up\.(weight|bias)", r"layers.\1.mlp.up_proj.\2"),
-    (r"blk\.(\d+)\.ffn_down\.(weight|bias)", r"layers.\1.mlp.down_proj.\2"),
+# One table, read both ways: (GGUF name, llmkit name); {i} is a block number, {p} weight or bias.
+_LLAMA_GGUF_NAMES = [
+    ("token_embd.weight", "embed.weight"),
+    ("output_norm.{p}", "norm.{p}"),
+    ("output.weight", "lm_head.weight"),
+    ("position_embd.weight", "pos_embed.weight"),
+    ("blk.{i}.attn_q.{p}", "layers.{i}.attn.q_proj.{p}"),
+    ("blk.{i}.attn_k.{p}", "layers.{i}.attn.k_proj.{p}"),
+    ("blk.{i}.attn_v.{p}", "layers.{i}.attn.v_proj.{p}"),
+    ("blk.{i}.attn_output.{p}", "layers.{i}.attn.o_proj.{p}"),
+    ("blk.{i}.attn_norm.{p}", "layers.{i}.attn_norm.{p}"),
+    ("blk.{i}.ffn_norm.{p}", "layers.{i}.mlp_norm.{p}"),
+    ("blk.{i}.ffn_gate.{p}", "layers.{i}.mlp.gate_proj.{p}"),
+    ("blk.{i}.ffn_up.{p}", "layers.{i}.mlp.up_proj.{p}"),
+    ("blk.{i}.ffn_down.{p}", "layers.{i}.mlp.down_proj.{p}"),
 ]
+
+
+def _name_rules(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
+    """(pattern, target) rules for ``rename`` from a table of name templates, left to right or,
+    with ``reverse``, right to left."""
+    rules = []
+    for source, target in ((b, a) if reverse else (a, b) for a, b in pairs):
+        pattern = re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        rules.append((pattern, target.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")))
+    return rules
+
+
+_LLAMA_GGUF = _name_rules(_LLAMA_GGUF_NAMES)  # GGUF -> llmkit (reading)
+LLAMA_TO_GGUF = _name_rules(_LLAMA_GGUF_NAMES, reverse=True)  # llmkit -> GGUF (export)
 
 
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -271,7 +287,7 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _llama_weights_from_gguf(config: ModelConfig, tensors: Tensors, permuted: bool) -> Tensors:
     for name, t in tensors:
-        new = _rename(_LLAMA_GGUF, name)
+        new = rename(_LLAMA_GGUF, name)
         if new is None:
             if name.startswith("rope_freqs"):  # llama3 scaling factors: we recompute from config
                 continue
@@ -289,7 +305,7 @@ def _gpt2_weights_from_gguf(config: ModelConfig, tensors: Tensors) -> Tensors:
             for proj, part in zip("qkv", t.chunk(3, dim=0)):
                 yield f"layers.{m[1]}.attn.{proj}_proj.{m[2]}", part.contiguous()
             continue
-        new = _rename(_LLAMA_GGUF, name)
+        new = rename(_LLAMA_GGUF, name)
         if new is None:
             raise KeyError(name)
         if new == "lm_head.weight":
@@ -350,7 +366,7 @@ def _llama_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
     for name, t in tensors:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        new = _rename(back, name)
+        new = rename(back, name)
         if new is None:
             raise KeyError(name)
         yield new, t
