@@ -201,10 +201,22 @@ def test_packed_linears_with_biases_equal_plain_ones(tiny_model_dir, arch):
         pytest.skip("oneDNN has no bfloat16 on this CPU")
     model = llmkit.load(tiny_model_dir(arch), dtype="bfloat16").model
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    assert any(m.bias is not None for m in packed)
+    fused = [(m.__dict__[a], [getattr(m, n) for n in names]) for m in model.modules()
+             for a, names in (("fused_qkv", ("q_proj", "k_proj", "v_proj")), ("fused_gate_up", ("gate_proj", "up_proj")))
+             if a in m.__dict__]
+    assert fused  # q/k/v (and gate/up where the MLP is gated) as one matmul each
+    assert any(m.bias is not None for m in packed) or any(g[0].bias is not None for _, g in fused)
     for layer in packed:
         x = torch.randn(4, 2, layer.in_features, dtype=torch.bfloat16)
         with torch.no_grad():
             plain = layer(x)
         with torch.inference_mode():
             assert torch.equal(layer(x), plain)
+    for matmul, group in fused:
+        x = torch.randn(4, 2, group[0].in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert matmul(x) is None  # outside inference mode the plain modules run
+            plain = [g(x) for g in group]
+        with torch.inference_mode():
+            for got, want in zip(matmul(x), plain):
+                assert torch.equal(got, want)

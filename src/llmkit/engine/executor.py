@@ -35,35 +35,72 @@ class Executor(Protocol):
         """Forget the slot's cached keys and values."""
 
 
+class PackedMatmul:
+    """``x @ W.T + b`` for one or several bfloat16 ``nn.Linear`` side by side (q/k/v, gate/up), with
+    W reordered once for oneDNN. Returns the outputs, one per linear, or None where it does not
+    apply (not inference mode, not bfloat16): the caller then takes the plain modules.
+
+    Measured on 2 cores (AVX512-BF16): 576x1536 at 16 rows 0.09 against 0.18 ms for F.linear,
+    which reorders the weight on every call; one call for q, k and v (and for gate and up) instead
+    of three (two) saves ~1.6 ms of a 16-row SmolLM2 decode step. Results equal F.linear's.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        with torch.no_grad():
+            weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            biases = [m.bias for m in linears]
+            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.sizes = [m.out_features for m in linears]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        if x.dtype != torch.bfloat16 or not torch.is_inference_mode_enabled():
+            return None
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return (y,) if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
+
+
 class PackedLinear(nn.Linear):
-    """nn.Linear that, in inference mode on CPU with bfloat16 inputs, multiplies by a copy of its
-    weight reordered once for oneDNN. Measured on 2 cores (AVX512-BF16), 576x1536 at 16 rows:
-    0.09 against 0.18 ms for F.linear, which reorders the weight on every call; bit-identical
-    results. Everything else (training, export, float32) takes the plain weight."""
+    """nn.Linear that, in inference mode with bfloat16 inputs, multiplies by its PackedMatmul.
+    Everything else (training, export, float32) takes the plain weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.__dict__.get("packed")
-        if packed is not None and x.dtype == torch.bfloat16 and torch.is_inference_mode_enabled():
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, self.bias, "none", [], "")
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return F.linear(x, self.weight, self.bias)
+        out = packed(x) if packed is not None else None
+        return out[0] if out is not None else F.linear(x, self.weight, self.bias)
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Give each plain bfloat16 nn.Linear on CPU a oneDNN-packed copy of its weight (see
-    PackedLinear); return how many. Skipped where oneDNN lacks bfloat16 or where the copies would
-    take more than a quarter of the memory available. Call again after changing the weights."""
-    linears = [m for m in model.modules() if type(m) in (nn.Linear, PackedLinear)
-               and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    """Give the plain bfloat16 nn.Linear on CPU oneDNN-packed copies of their weights (see
+    PackedMatmul): attention q/k/v and MLP gate/up as one fused matmul each (set as the module's
+    ``fused_qkv`` / ``fused_gate_up``, which model.py takes when present), every other one through
+    PackedLinear. Return how many linears. Skipped where oneDNN lacks bfloat16 or where the copies
+    would take more than a quarter of the memory available. Call again after changing the weights."""
+    def plain(m) -> bool:
+        return type(m) in (nn.Linear, PackedLinear) and m.weight.dtype == torch.bfloat16 \
+            and m.weight.device.type == "cpu"
+
+    linears = [m for m in model.modules() if plain(m)]
     if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return 0
-    size = sum(m.weight.numel() * 2 for m in linears)
-    if size > _available_memory() // 4:
+    if sum(m.weight.numel() * 2 for m in linears) > _available_memory() // 4:
         return 0
-    with torch.no_grad():
-        for m in linears:
+    fused: set[int] = set()
+    for module in model.modules():
+        for attr, names in (("fused_qkv", ("q_proj", "k_proj", "v_proj")), ("fused_gate_up", ("gate_proj", "up_proj"))):
+            group = [getattr(module, n, None) for n in names]
+            if all(g is not None and plain(g) for g in group) and len({g.bias is None for g in group}) == 1:
+                module.__dict__[attr] = PackedMatmul(group)  # not a submodule: outside the state dict
+                fused.update(id(g) for g in group)
+    for m in linears:
+        if id(m) in fused:
+            m.__dict__.pop("packed", None)
+            if type(m) is PackedLinear:
+                m.__class__ = nn.Linear
+        else:
             m.__class__ = PackedLinear
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+            m.packed = PackedMatmul([m])
     return len(linears)
 
 
