@@ -73,6 +73,35 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir):
     assert together == alone
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gpt2"])
+def test_one_pass_over_a_prompt_chunk_and_decode_rows_equals_separate_passes(arch, tiny_model_dir):
+    """forward_many: a prompt chunk rides along with decode rows (how the engine steps); each
+    batch's logits and cache entries equal those of its own pass."""
+    model = llmkit.load(tiny_model_dir(arch)).model
+    torch.manual_seed(0)
+    v = model.config.vocab_size
+    with torch.inference_mode():
+        caches = [model.new_cache(4, 64), model.new_cache(4, 64)]
+        for cache in caches:  # slots 1 and 2 hold 9 and 5 earlier tokens
+            for slot, n in ((1, 9), (2, 5)):
+                g = torch.Generator().manual_seed(slot)
+                model(torch.randint(0, v, (1, n), generator=g), positions=torch.arange(n)[None],
+                      cache=cache, slots=torch.tensor([slot]))
+        chunk = (torch.randint(0, v, (1, 7)), torch.arange(3, 10)[None], torch.tensor([0]))  # slot 0, positions 3..9
+        step = (torch.randint(0, v, (2, 1)), torch.tensor([[9], [5]]), torch.tensor([1, 2]))
+        # slot 0's first three positions, written before
+        model(torch.randint(0, v, (1, 3)), positions=torch.arange(3)[None], cache=caches[1], slots=torch.tensor([0]))
+        caches[0].k.copy_(caches[1].k)
+        caches[0].v.copy_(caches[1].v)
+        together = model.forward_many([chunk, step], cache=caches[0], last_only=True)
+        apart = [model(*chunk[:1], positions=chunk[1], cache=caches[1], slots=chunk[2], last_only=True),
+                 model(*step[:1], positions=step[1], cache=caches[1], slots=step[2], last_only=True)]
+    assert [t.shape for t in together] == [(1, 1, v), (2, 1, v)]
+    for got, want in zip(together, apart):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-6, atol=1e-6)
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     n_head, dim = 4, 16
     w = torch.arange(dim * 3, dtype=torch.float32).reshape(dim, 3)

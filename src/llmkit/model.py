@@ -7,6 +7,7 @@ Shapes in comments: B batch, T new tokens, L cached length, H heads, Hk kv heads
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,8 @@ class Attention(nn.Module):
         self.h, self.hk, self.d = h, hk, d
         self.rot = config.rotary_dim if config.position == "rope" else 0
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, slots, positions, length, span):
+    def forward(self, x, rope, groups: list["Rows"], cache: KVCache | None, layer: int):
+        """x (B, T, C) for one group of rows, or (1, N, C) for several (see Transformer.forward_many)."""
         b, t, _ = x.shape
         fused = self.__dict__.get("fused_qkv")  # an executor's one matmul for all three (engine/executor.py)
         qkv = fused(x) if fused is not None else None
@@ -167,16 +169,28 @@ class Attention(nn.Module):
         q, k, v = q.view(b, t, self.h, self.d), k.view(b, t, self.hk, self.d), v.view(b, t, self.hk, self.d)
         if self.rot:  # q and k rotated together: half the small ops of one decode step
             q, k = apply_rope(torch.cat((q, k), dim=2), *rope, self.rot).split((self.h, self.hk), dim=2)
-        if cache is not None:  # (B, Hk, L, D)
-            k, v = cache.update(layer, slots, positions, k.to(cache.k.dtype), v.to(cache.v.dtype), length, span)
+        if len(groups) == 1:
+            y = self._attend(q, k, v, groups[0], cache, layer)
+        else:  # each group's rows attend within their own sequences
+            def rows(z, g):
+                return z[0, g.start : g.start + g.b * g.t].reshape(g.b, g.t, *z.shape[2:])
+            y = torch.cat([self._attend(rows(q, g), rows(k, g), rows(v, g), g, cache, layer).reshape(-1, self.h * self.d)
+                           for g in groups])[None]
+        return self.o_proj(y)
+
+    def _attend(self, q, k, v, g: "Rows", cache: KVCache | None, layer: int) -> torch.Tensor:
+        """q (b, t, H, D), k/v (b, t, Hk, D) of one group -> (b, t, H * D)."""
+        b, t = q.shape[:2]
+        if cache is not None:  # (b, Hk, L, D)
+            k, v = cache.update(layer, g.slots, g.positions, k.to(cache.k.dtype), v.to(cache.v.dtype), g.length, g.span)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q, k, v = q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype)
         if t <= SMALL_QUERY and not q.is_cuda:
-            y = small_query_attention(q, k, v, mask)
+            y = small_query_attention(q, k, v, g.mask)
         else:  # (B, H, T, D) x (B, Hk, L, D): grouped-query attention without copying k/v per head
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.h != self.hk)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.h * self.d))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=self.h != self.hk)
+        return y.transpose(1, 2).reshape(b, t, self.h * self.d)
 
 
 class MLP(nn.Module):
@@ -207,8 +221,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, cache, layer, slots, positions, length, span):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, slots, positions, length, span)
+    def forward(self, x, rope, groups, cache, layer):
+        x = x + self.attn(self.attn_norm(x), rope, groups, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -276,13 +290,49 @@ class Transformer(nn.Module):
         keys and values are written at those positions of the given cache slots (default 0..B-1)
         and each token attends to its slot's positions up to its own.
         """
-        b, t = tokens.shape
-        device = tokens.device
-        if positions is None:
-            positions = torch.arange(t, device=device).expand(b, t)
-        x = self.embed(tokens)
-        if self.config.position == "learned":
-            x = x + self.pos_embed(positions)
+        return self.forward_many([(tokens, positions, slots)], cache, last_only)[0]
+
+    def forward_many(self, batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+                     cache: KVCache | None = None, last_only: bool = False) -> list[torch.Tensor]:
+        """Several batches, each (tokens (b, t), positions or None, slots or None) as ``forward``
+        takes them, in one pass: the matmuls run once over all their rows (the weights are read
+        once), attention per batch. How a prompt chunk (1, T) rides along with decode steps (B, 1).
+        Returns each batch's logits as ``forward`` would."""
+        groups, xs, ropes, start = [], [], [], 0
+        for tokens, positions, slots in batches:
+            b, t = tokens.shape
+            if positions is None:
+                positions = torch.arange(t, device=tokens.device).expand(b, t)
+            groups.append(self._rows(start, positions, slots, cache))
+            start += b * t
+            x = self.embed(tokens)
+            if self.config.position == "learned":
+                x = x + self.pos_embed(positions)
+            xs.append(x)
+            if self.config.position == "rope":
+                ropes.append(self.rope_tables(positions, x.dtype))
+        if len(xs) == 1:
+            x, rope = xs[0], (ropes[0] if ropes else None)
+        else:  # all rows side by side: (1, N, C), and the rope tables likewise
+            def flat(parts):
+                return torch.cat([p.reshape(-1, *p.shape[2:]) for p in parts])[None]
+            x = flat(xs)
+            rope = (flat([r[0] for r in ropes]), flat([r[1] for r in ropes])) if ropes else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, groups, cache, i)
+        if len(xs) == 1:
+            return [self.lm_head(self.norm(x[:, -1:] if last_only else x)).float()]
+        outs = [x[0, g.start : g.start + g.b * g.t].view(g.b, g.t, -1) for g in groups]
+        outs = [o[:, -1:] if last_only else o for o in outs]
+        logits = self.lm_head(self.norm(torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]))).float()
+        return [part.view(o.shape[0], o.shape[1], -1)
+                for part, o in zip(logits.split([o.shape[0] * o.shape[1] for o in outs]), outs)]
+
+    def _rows(self, start: int, positions: torch.Tensor, slots: torch.Tensor | None,
+              cache: KVCache | None) -> "Rows":
+        """How one batch's rows attend: its cache slots, the key length and the mask."""
+        b, t = positions.shape
+        device = positions.device
         span = None
         if cache is not None:
             if slots is None:
@@ -306,11 +356,21 @@ class Transformer(nn.Module):
             if window:
                 mask = mask & (kp > qp - window)
             mask = mask[:, None]
-            if t <= SMALL_QUERY and not x.is_cuda:  # small_query_attention adds it, once per layer
+            if t <= SMALL_QUERY and positions.device.type != "cuda":  # small_query_attention adds it
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        rope = self.rope_tables(positions, x.dtype) if self.config.position == "rope" else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i, slots, positions, length, span)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        return Rows(start, b, t, slots, positions, length, span, mask)
+
+
+@dataclass
+class Rows:
+    """One batch inside a pass (Transformer.forward_many): b sequences of t new tokens each, from
+    row ``start`` of the pass; where their keys go in the cache and which keys each query sees."""
+
+    start: int
+    b: int
+    t: int
+    slots: torch.Tensor | None
+    positions: torch.Tensor
+    length: int  # keys to attend to, per sequence
+    span: tuple[int, int] | None  # the slots as a range (first, last + 1), when consecutive
+    mask: torch.Tensor | None

@@ -153,16 +153,26 @@ class TorchExecutor:
         self.cache = new
 
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        tokens = torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)[None]
-        slots = torch.tensor([slot], device=self.device)
-        return self.model(tokens, positions=positions, cache=self.cache, slots=slots, last_only=True)[0, -1]
+        return self.forward([(slot, ids, start)], [])[0][0]
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        t = torch.tensor(tokens, device=self.device)[:, None]
-        p = torch.tensor(positions, device=self.device)[:, None]
-        s = torch.tensor(slots, device=self.device)
-        return self.model(t, positions=p, cache=self.cache, slots=s)[:, -1]
+        return self.forward([], [(s, t, p) for s, t, p in zip(slots, tokens, positions)])[1]
+
+    def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass
+        (Transformer.forward_many): the weights are read once for all of them, so a new request's
+        prompt costs the running ones little. Returns each chunk's last logits [V] and the decode
+        logits [B, V]."""
+        d = self.device
+        batches = [(torch.tensor([ids], device=d), torch.arange(start, start + len(ids), device=d)[None],
+                    torch.tensor([slot], device=d)) for slot, ids, start in chunks]
+        if decodes:
+            slots, tokens, positions = zip(*decodes)
+            batches.append((torch.tensor(tokens, device=d)[:, None], torch.tensor(positions, device=d)[:, None],
+                            torch.tensor(slots, device=d)))
+        out = self.model.forward_many(batches, cache=self.cache, last_only=True)
+        return [o[0, -1] for o in out[: len(chunks)]], (out[-1][:, -1] if decodes else out[:0])
 
     def release(self, slot: int) -> None:
         pass  # stale entries are masked: positions past a request's own are never read
