@@ -152,6 +152,29 @@ def test_queue_limit_and_shutdown(tiny):
         engine.submit(Request(ids[2], greedy(5)))
 
 
+def test_close_cancels_what_runs_and_ends_the_thread(tiny):
+    """What runs at interpreter exit: no engine thread may outlive it (a daemon thread freeing
+    tensors during finalization aborts the process)."""
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=1)
+    ids = prompts(tiny)
+    started = threading.Event()
+
+    def slow(generated, logits):
+        started.set()
+        time.sleep(0.01)
+        return logits
+
+    running = engine.submit(Request(ids[0], greedy(100, logits_processors=[slow])))
+    waiting = engine.submit(Request(ids[1], greedy(5)))
+    assert started.wait(30)
+    engine.close()
+    assert not engine._thread.is_alive()
+    assert running.finish_reason == "cancelled" and waiting.finish_reason == "cancelled"
+    assert 0 < len(running.tokens) < 100 and waiting.tokens == []
+    with pytest.raises(QueueFullError):
+        engine.submit(Request(ids[2], greedy(5)))
+
+
 def test_an_error_in_a_request_fails_it_not_the_engine(tiny):
     def broken(generated, logits):
         raise RuntimeError("processor exploded")

@@ -430,6 +430,14 @@ class Sampler:
             logits = self.filter(logits)
         return torch.log_softmax(logits, dim=-1)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes logits: the token is the row's argmax, so a batch of
+        such rows can be picked with one argmax (the engine does) and recorded with `accept`."""
+        p = self.params
+        return p.greedy and self._bias_ids is None and p.repetition_penalty == 1.0 \
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+
     def sample(self, logits: torch.Tensor, prompt_ids: Sequence[int] = ()) -> int:
         """Pick the next token from one row of logits `[vocab]` and record it."""
         logits = self.penalize(logits, prompt_ids)

@@ -17,10 +17,12 @@ Callers ``submit`` a request and get a ``Handle``: iterate its events (blocking)
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -32,6 +34,17 @@ from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
 PREFILL_CHUNK = 512  # prompt tokens per step
+
+
+# Engines with a live thread, stopped at interpreter exit: a daemon thread still freeing tensors
+# while the interpreter finalizes is killed inside C++ code (std::terminate, exit status -6).
+_LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
 
 
 class QueueFullError(LLMKitError):
@@ -145,6 +158,7 @@ class Engine:
         self._work = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._stopped = False  # close(): the loop ends
         # counters for metrics
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -242,6 +256,15 @@ class Engine:
             time.sleep(0.01)
         return True
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel whatever has not finished and end the engine's thread (called at exit, too)."""
+        with self._lock:
+            self._closing = self._stopped = True
+            self._work.notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     # ------------------------------------------------------------------ the loop
 
     def _wake(self) -> None:
@@ -252,13 +275,19 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
             self._thread.start()
+            _LIVE_ENGINES.add(self)
 
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._waiting and not self._running:
+                    while not self._waiting and not self._running and not self._stopped:
                         self._work.wait()
+                if self._stopped:
+                    for live in list(self._waiting) + list(self._running):
+                        live.handle.cancel()
+                    self._drop_cancelled()
+                    return
                 try:
                     self.step()
                 except BaseException as exc:  # fail every admitted request, keep serving others
@@ -290,8 +319,11 @@ class Engine:
             if s.prefilled == len(s.request.prompt_ids):
                 self.prompt_tokens_total += s.prefilled
                 self._advance(s, logits)
-        for s, row in zip(decoding, dec_logits):
-            self._advance(s, row)
+        # plain greedy rows (the common case of a benchmark or a tool call): one argmax for all
+        picks = [s.sampler.plain_greedy and not s.request.params.logits_processors for s in decoding]
+        tokens = dec_logits.argmax(-1).tolist() if any(picks) else []
+        for i, (s, row) in enumerate(zip(decoding, dec_logits)):
+            self._advance(s, row, tokens[i] if picks[i] else None)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -326,21 +358,25 @@ class Engine:
                 self._free_slots.sort()
         live.handle._emit(event)
 
-    def _advance(self, live: _Live, logits: torch.Tensor) -> None:
-        """Sample the next token; an error here (a logits processor, say) fails this request only."""
+    def _advance(self, live: _Live, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the next token (or take ``token``, already picked); an error here (a logits
+        processor, say) fails this request only."""
         try:
-            self._sample_and_emit(live, logits)
+            self._sample_and_emit(live, logits, token)
         except Exception as exc:
             self._finish(live, Event(live.handle.id, None, "", "error", error=exc))
 
-    def _sample_and_emit(self, live: _Live, logits: torch.Tensor) -> None:
-        """Sample one token for a request and emit it with the text that became final."""
+    def _sample_and_emit(self, live: _Live, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample one token for a request (unless given) and emit it with the text that became final."""
         p = live.request.params
         logits = logits.float()
         raw = logits
-        for process in p.logits_processors:
-            logits = process(live.generated, logits)
-        token = live.sampler.sample(logits, live.request.prompt_ids)
+        if token is None:
+            for process in p.logits_processors:
+                logits = process(live.generated, logits)
+            token = live.sampler.sample(logits, live.request.prompt_ids)
+        else:
+            live.sampler.accept(token)
         live.generated.append(token)
         self.generation_tokens_total += 1
         event = Event(live.handle.id, token, "")
