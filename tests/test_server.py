@@ -96,9 +96,9 @@ class Slow(torch.nn.Module):
     def new_cache(self, *args, **kwargs):
         return self.inner.new_cache(*args, **kwargs)
 
-    def forward(self, *args, **kwargs):
+    def forward_many(self, *args, **kwargs):
         time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
+        return self.inner.forward_many(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,8 @@ class TorchExecutor:
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.cache = None
-        in_fresh_thread(lambda: pack_linears(model))  # oneDNN work off the caller's thread: llmkit.threads
+        if not model.__dict__.get("packed_linears"):  # once per model: a server's engine shares the LLM's
+            model.__dict__["packed_linears"] = in_fresh_thread(lambda: pack_linears(model))  # see llmkit.threads
 
     def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache
