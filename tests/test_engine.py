@@ -66,6 +66,46 @@ def test_long_prompts_are_prefilled_in_chunks(tiny):
     assert h.tokens == alone(tiny, p, greedy(12))
 
 
+@pytest.mark.parametrize("per_step", [None, 1])
+def test_prompts_share_a_step_up_to_the_chunk_budget(tiny, per_step):
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=5, prefill_chunk=12)
+    ids = prompts(tiny)
+    calls = []
+    forward = engine.executor.forward
+
+    def recording(chunks, decodes):
+        calls.append([len(c[1]) for c in chunks])
+        return forward(chunks, decodes)
+
+    engine.executor.forward = recording
+    if per_step:
+        engine.executor.prompts_per_step = per_step
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(generated, logits):  # the engine waits here while the others are submitted
+        busy.set()
+        release.wait(30)
+        return logits
+
+    first = engine.submit(Request(ids[0], greedy(2, logits_processors=[hold])))
+    assert busy.wait(30)
+    handles = [engine.submit(Request(p, greedy(6))) for p in ids]
+    release.set()
+    list(first.events())
+    for h, p in zip(handles, ids):
+        list(h.events())
+        assert h.tokens == alone(tiny, p, greedy(6))
+    calls = [c for c in calls[1:] if c]  # after the held request's own prompt: steps with prompts
+    lengths = [len(p) for p in ids]
+    chunked = [n for c in calls for n in c]
+    assert sum(chunked) == sum(lengths)  # every prompt token prefilled once
+    assert all(sum(c) <= 12 for c in calls)
+    if per_step:
+        assert max(len(c) for c in calls) == 1
+    else:
+        assert len(calls[0]) > 1  # several prompts in the step after they arrived
+
+
 def test_cancel_frees_the_slot(tiny):
     engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=2)
     ids = prompts(tiny)

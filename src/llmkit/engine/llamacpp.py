@@ -67,6 +67,7 @@ class LlamaCppExecutor:
         self._batch = L.llama_batch_init(params.n_batch, 0, 1)
         self._capacity = params.n_batch
         self.max_batch = max_batch  # sequences this context holds
+        self.prompts_per_step = 1  # the engine's one prompt chunk per step: see Engine._prompt_chunks
         atexit.register(self.close)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
         self.context_length = min(context_length, params.n_ctx)
