@@ -336,21 +336,27 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert torch.equal(w["w"], weights["w"]) and state["step"] == 1
 
 
-def test_two_processes_match_one_with_the_same_global_batch(prepared, tiny_yaml, tmp_path):
-    steps = 4
+def _one_vs_two_processes(prepared, tiny_yaml, tmp_path, steps: int, *extra) -> tuple[Path, Path, list[str]]:
+    """Pretrain ``steps`` in one process (micro batch 2) and in two (torchrun, micro batch 1, the
+    same global batch); assert their losses agree. Returns both folders and the torchrun command."""
     one = tmp_path / "one"
     r = subprocess.run(_pretrain_cmd(prepared, one, tiny_yaml, "--max-steps", steps, "--micro-batch-size", 2),
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
-    cmd = _torchrun("pretrain", "--data", prepared, "--out", two, "--config", tiny_yaml, "--quiet", "--max-steps", steps,
-                    "--device", "cpu")
+    cmd = _torchrun("pretrain", "--data", prepared, "--out", two, "--config", tiny_yaml, "--quiet", "--max-steps",
+                    steps, "--device", "cpu", *extra)
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    return one, two, cmd
+
+
+def test_two_processes_match_one_with_the_same_global_batch(prepared, tiny_yaml, tmp_path):
+    _one_vs_two_processes(prepared, tiny_yaml, tmp_path, 4)
 
 
 def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(prepared, tiny_yaml, tmp_path):
@@ -359,19 +365,8 @@ def test_fsdp_matches_one_process_saves_full_checkpoints_and_resumes(prepared, t
     import llmkit
 
     steps = 6  # checkpoints at 5 and 6
-    one = tmp_path / "one"
-    r = subprocess.run(_pretrain_cmd(prepared, one, tiny_yaml, "--max-steps", steps, "--micro-batch-size", 2),
-                       env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    fsdp = tmp_path / "fsdp"
-    cmd = _torchrun("pretrain", "--data", prepared, "--out", fsdp, "--config", tiny_yaml, "--quiet", "--max-steps",
-                    steps, "--device", "cpu", "--strategy", "fsdp")
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    a, b = _losses(one), _losses(fsdp)
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    one, fsdp, cmd = _one_vs_two_processes(prepared, tiny_yaml, tmp_path, steps, "--strategy", "fsdp")
+    b = _losses(fsdp)
     assert json.loads((fsdp / "checkpoints" / "step-00000006" / "state.json").read_text())["settings"]["strategy"] == "fsdp"
 
     # rank 0 wrote full tensors, the same as one process's, not shards
