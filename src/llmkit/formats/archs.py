@@ -120,15 +120,42 @@ def _gpt2_from_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 # ---------------------------------------------------------------- HF tensor names -> llmkit
 
-_LLAMA_HF = [
-    (r"model\.embed_tokens\.weight", "embed.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"layers.\1.mlp.\2_proj.\3"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
+# One table per family, read both ways: (HF name, llmkit name); {i} is a block number, {p} weight
+# or bias (see _name_rules).
+_LLAMA_HF_NAMES = [
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    *[(f"model.layers.{{i}}.self_attn.{x}_proj.{{p}}", f"layers.{{i}}.attn.{x}_proj.{{p}}") for x in "qkvo"],
+    *[(f"model.layers.{{i}}.mlp.{x}_proj.{{p}}", f"layers.{{i}}.mlp.{x}_proj.{{p}}") for x in ("gate", "up", "down")],
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
 ]
+# GPT-2 without the "transformer." prefix; its fused c_attn is split and joined by hand
+_GPT2_HF_NAMES = [
+    ("wte.weight", "embed.weight"),
+    ("wpe.weight", "pos_embed.weight"),
+    ("ln_f.{p}", "norm.{p}"),
+    ("h.{i}.ln_1.{p}", "layers.{i}.attn_norm.{p}"),
+    ("h.{i}.ln_2.{p}", "layers.{i}.mlp_norm.{p}"),
+    ("h.{i}.attn.c_proj.{p}", "layers.{i}.attn.o_proj.{p}"),
+    ("h.{i}.mlp.c_fc.{p}", "layers.{i}.mlp.up_proj.{p}"),
+    ("h.{i}.mlp.c_proj.{p}", "layers.{i}.mlp.down_proj.{p}"),
+]
+
+
+def _name_rules(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
+    """(pattern, target) rules for ``rename`` from a table of name templates, left to right or,
+    with ``reverse``, right to left."""
+    rules = []
+    for source, target in ((b, a) if reverse else (a, b) for a, b in pairs):
+        pattern = re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        rules.append((pattern, target.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")))
+    return rules
+
+
+_LLAMA_HF = _name_rules(_LLAMA_HF_NAMES)
+_GPT2_HF = _name_rules(_GPT2_HF_NAMES)
 _IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
 
 
@@ -150,18 +177,6 @@ def _llama_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
         if new == "lm_head.weight" and config.tie_embeddings:
             continue
         yield new, t
-
-
-_GPT2_HF = [
-    (r"wte\.weight", "embed.weight"),
-    (r"wpe\.weight", "pos_embed.weight"),
-    (r"ln_f\.(weight|bias)", r"norm.\1"),
-    (r"h\.(\d+)\.ln_1\.(weight|bias)", r"layers.\1.attn_norm.\2"),
-    (r"h\.(\d+)\.ln_2\.(weight|bias)", r"layers.\1.mlp_norm.\2"),
-    (r"h\.(\d+)\.attn\.c_proj\.(weight|bias)", r"layers.\1.attn.o_proj.\2"),
-    (r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"layers.\1.mlp.up_proj.\2"),
-    (r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"layers.\1.mlp.down_proj.\2"),
-]
 
 
 def _gpt2_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
@@ -261,16 +276,6 @@ _LLAMA_GGUF_NAMES = [
 ]
 
 
-def _name_rules(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
-    """(pattern, target) rules for ``rename`` from a table of name templates, left to right or,
-    with ``reverse``, right to left."""
-    rules = []
-    for source, target in ((b, a) if reverse else (a, b) for a, b in pairs):
-        pattern = re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-        rules.append((pattern, target.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")))
-    return rules
-
-
 _LLAMA_GGUF = _name_rules(_LLAMA_GGUF_NAMES)  # GGUF -> llmkit (reading)
 LLAMA_TO_GGUF = _name_rules(_LLAMA_GGUF_NAMES, reverse=True)  # llmkit -> GGUF (export)
 
@@ -353,20 +358,15 @@ def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
     return cfg
 
 
+_LLAMA_TO_HF = _name_rules(_LLAMA_HF_NAMES, reverse=True)
+_GPT2_TO_HF = _name_rules(_GPT2_HF_NAMES, reverse=True)
+
+
 def _llama_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
-    back = [
-        (r"embed\.weight", "model.embed_tokens.weight"),
-        (r"norm\.weight", "model.norm.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
-        (r"layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-        (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
-        (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-        (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    ]
     for name, t in tensors:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        new = rename(back, name)
+        new = rename(_LLAMA_TO_HF, name)
         if new is None:
             raise KeyError(name)
         yield new, t
@@ -397,26 +397,18 @@ def _gpt2_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
     for name, t in state.items():
         if name == "lm_head.weight":
             continue
-        if name == "embed.weight":
-            out["transformer.wte.weight"] = t
-        elif name == "pos_embed.weight":
-            out["transformer.wpe.weight"] = t
-        elif name.startswith("norm."):
-            out["transformer.ln_f." + name.split(".")[1]] = t
-        elif (m := re.fullmatch(r"layers\.(\d+)\.(attn_norm|mlp_norm)\.(weight|bias)", name)):
-            out[f"transformer.h.{m[1]}.{'ln_1' if m[2] == 'attn_norm' else 'ln_2'}.{m[3]}"] = t
-        elif (m := re.fullmatch(r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", name)):
+        if (m := re.fullmatch(r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", name)):
             i, kind = m[1], m[2]
-            parts = [state[f"layers.{i}.attn.{p}_proj.{kind}"] for p in "qkv"]
-            fused = torch.cat(parts, dim=0)
+            fused = torch.cat([state[f"layers.{i}.attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
             out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
-        elif re.fullmatch(r"layers\.(\d+)\.attn\.[kv]_proj\.(weight|bias)", name):
+            continue
+        if re.fullmatch(r"layers\.(\d+)\.attn\.[kv]_proj\.(weight|bias)", name):
             continue  # fused with q above
-        elif (m := re.fullmatch(r"layers\.(\d+)\.(attn\.o_proj|mlp\.up_proj|mlp\.down_proj)\.(weight|bias)", name)):
-            hf = {"attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}[m[2]]
-            out[f"transformer.h.{m[1]}.{hf}.{m[3]}"] = t.t().contiguous() if m[3] == "weight" else t
-        else:
+        new = rename(_GPT2_TO_HF, name)
+        if new is None:
             raise KeyError(name)
+        # nn.Linear's (out, in) back to Conv1D's (in, out)
+        out["transformer." + new] = t.t().contiguous() if t.dim() == 2 and (".attn." in name or ".mlp." in name) else t
     yield from out.items()
 
 
