@@ -162,13 +162,17 @@ def perplexity(llm, texts: str | Sequence[str], *, window: int | None = None, st
     per_batch = max(1, token_budget // window)
     for start in range(0, len(jobs), per_batch):
         group = jobs[start : start + per_batch]
-        h = hidden_states(llm, _pad([ids[b:e] for ids, b, e, _ in group]))
-        for row, (ids, b, e, f) in enumerate(group):
-            # logits at local position j predict token j + 1
-            logits = head(h[row, f - b - 1 : e - b - 1]).float()
-            target = torch.as_tensor(ids[f:e], device=logits.device)
-            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            count += e - f
+        def score(h: torch.Tensor, group=group) -> float:
+            total = 0.0
+            for row, (ids, b, e, f) in enumerate(group):
+                # logits at local position j predict token j + 1
+                logits = head(h[row, f - b - 1 : e - b - 1]).float()
+                target = torch.as_tensor(ids[f:e], device=logits.device)
+                total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            return total
+
+        nll += hidden_states(llm, _pad([ids[b:e] for ids, b, e, _ in group]), score)
+        count += sum(e - f for _, _, e, f in group)
         if progress:
             progress(len(group))
     if count == 0:

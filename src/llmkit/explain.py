@@ -16,6 +16,7 @@ model itself is not changed; the tests compare the weights with transformers' ea
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from llmkit.threads import in_fresh_thread
 
 __all__ = ["Alternative", "TokenInfo", "Explanation", "explain"]
 
@@ -208,11 +211,12 @@ def explain(llm, text: str, *, top_k: int = 5, attention: bool = True, layers: S
     wanted = None if layers is None else {i % n_layers for i in layers}
     device = next(model.parameters()).device
     probe = _AttentionProbe(model, wanted) if attention else None
-    if probe is not None:
-        with probe:
-            logits = model(torch.tensor([ids], device=device))[0].float().cpu()
-    else:
-        logits = model(torch.tensor([ids], device=device))[0].float().cpu()
+
+    def forward() -> torch.Tensor:  # in a short-lived thread: see llmkit.threads
+        with torch.inference_mode(), (probe if probe is not None else contextlib.nullcontext()):
+            return model(torch.tensor([ids], device=device))[0].float().cpu()
+
+    logits = in_fresh_thread(forward)
 
     logp = torch.log_softmax(logits, dim=-1)  # row i predicts token i+1
     probs = logp.exp()

@@ -234,8 +234,10 @@ class _Stop(Exception):
         self.value = value
 
 
-def hidden_states(llm, tokens: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, C), after the last norm, for right-padded tokens (B, T).
+def hidden_states(llm, tokens: torch.Tensor, then: Callable[[torch.Tensor], Any] | None = None) -> Any:
+    """Final hidden states (B, T, C), after the last norm, for right-padded tokens (B, T); or,
+    with ``then``, what then(states) returns, computed in the same thread (as the scores from
+    the vocabulary projection are).
 
     Runs the model up to its final norm and stops there (a forward hook on ``model.norm``), so
     the vocabulary projection, the largest single matrix of a small model, is not computed. The
@@ -243,7 +245,12 @@ def hidden_states(llm, tokens: torch.Tensor) -> torch.Tensor:
     thread is a short-lived one (see llmkit.threads), so a server's worker threads that answer
     embeddings do not keep OpenMP teams that would slow the engine down.
     """
-    return in_fresh_thread(lambda: _hidden_states(llm, tokens))
+    def run():
+        with torch.inference_mode():
+            h = _hidden_states(llm, tokens)
+            return then(h) if then is not None else h
+
+    return in_fresh_thread(run)
 
 
 @torch.inference_mode()
@@ -314,15 +321,18 @@ def continuation_logprobs(llm, pairs: Sequence[tuple[Sequence[int], Sequence[int
     results: list[list[float]] = [[] for _ in seqs]
     head = llm.model.lm_head
     for group in _batches([len(s) for s in seqs], token_budget):
-        tokens = _pad([seqs[i] for i in group])
-        h = hidden_states(llm, tokens)
-        for row, i in enumerate(group):
-            s, n = starts[i], len(seqs[i])
-            # the logits at position p predict token p + 1
-            logits = head(h[row, s - 1 : n - 1]).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            target = torch.as_tensor(seqs[i][s:n], device=logp.device)
-            results[i] = logp.gather(1, target[:, None])[:, 0].cpu().tolist()
+        def score(h: torch.Tensor, group=group) -> list[list[float]]:
+            out = []
+            for row, i in enumerate(group):
+                s, n = starts[i], len(seqs[i])
+                # the logits at position p predict token p + 1
+                logp = torch.log_softmax(head(h[row, s - 1 : n - 1]).float(), dim=-1)
+                target = torch.as_tensor(seqs[i][s:n], device=logp.device)
+                out.append(logp.gather(1, target[:, None])[:, 0].cpu().tolist())
+            return out
+
+        for i, logps in zip(group, hidden_states(llm, _pad([seqs[i] for i in group]), score)):
+            results[i] = logps
         if progress:
             progress(len(group))
     return results
