@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit import cpu_attention
 from llmkit.config import ModelConfig
 
 
@@ -35,6 +36,12 @@ class KVCache(nn.Module):
         self.max_len = max_len
         self.slots = slots
 
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Write k, v (B, T, Hk, D) at (slots, positions)."""
+        self.k[layer][slots[:, None], :, positions] = k
+        self.v[layer][slots[:, None], :, positions] = v
+
     def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, length: int, span: tuple[int, int] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +50,7 @@ class KVCache(nn.Module):
         ``span`` (first, last + 1) says the slots are consecutive: the result is then a view of
         the cache, not a gathered copy (the engine hands out the lowest free slots to keep it so).
         """
-        self.k[layer][slots[:, None], :, positions] = k
-        self.v[layer][slots[:, None], :, positions] = v
+        self.write(layer, slots, positions, k, v)
         if span is not None:
             return self.k[layer, span[0] : span[1], :, :length], self.v[layer, span[0] : span[1], :, :length]
         return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
@@ -181,6 +187,10 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, g: "Rows", cache: KVCache | None, layer: int) -> torch.Tensor:
         """q (b, t, H, D), k/v (b, t, Hk, D) of one group -> (b, t, H * D)."""
         b, t = q.shape[:2]
+        if g.decode is not None and q.dtype == cache.k.dtype:  # one query per sequence, on CPU
+            cache.write(layer, g.slots, g.positions, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            y = cpu_attention.decode_attention(q[:, 0], cache.k[layer], cache.v[layer], g.decode)
+            return y.reshape(b, 1, self.h * self.d)
         if cache is not None:  # (b, Hk, L, D)
             k, v = cache.update(layer, g.slots, g.positions, k.to(cache.k.dtype), v.to(cache.v.dtype), g.length, g.span)
         else:
@@ -358,7 +368,13 @@ class Transformer(nn.Module):
             mask = mask[:, None]
             if t <= SMALL_QUERY and positions.device.type != "cuda":  # small_query_attention adds it
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        return Rows(start, b, t, slots, positions, length, span, mask)
+        decode = None  # one new token per sequence on CPU: the C kernel (llmkit.cpu_attention)
+        if cache is not None and t == 1 and device.type == "cpu" and cpu_attention.available() \
+                and cache.k.dtype in (torch.bfloat16, torch.float32):
+            c = self.config
+            decode = cpu_attention.prepare(slots, positions, window, cache.slots, cache.max_len,
+                                           c.num_heads, c.num_kv_heads, c.head_dim)
+        return Rows(start, b, t, slots, positions, length, span, mask, decode)
 
 
 @dataclass
@@ -374,3 +390,4 @@ class Rows:
     length: int  # keys to attend to, per sequence
     span: tuple[int, int] | None  # the slots as a range (first, last + 1), when consecutive
     mask: torch.Tensor | None
+    decode: tuple | None = None  # cpu_attention.prepare's, when the C kernel attends (one query each)

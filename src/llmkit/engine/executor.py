@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit import cpu_attention
 from llmkit.threads import in_fresh_thread
 
 
@@ -131,6 +132,8 @@ class TorchExecutor:
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.cache = None
+        if self.device.type == "cpu":
+            cpu_attention.available()  # build the decode kernel now (a second or two, once per machine)
         if not model.__dict__.get("packed_linears"):  # once per model: a server's engine shares the LLM's
             model.__dict__["packed_linears"] = in_fresh_thread(lambda: pack_linears(model))  # see llmkit.threads
 
