@@ -4,7 +4,9 @@ PyTorch has no CPU kernel for this shape: 16 sequences x 3 kv heads make 48 matr
 (length x 64) by (64 x 3) per layer, and oneDNN spends ~1.5 us on each; its flash-attention kernel
 takes 1.4-1.8 ms per layer with grouped-query heads. This kernel walks each sequence's keys once,
 for all the query heads that share them, in float32, over exactly the positions the sequence
-sees (no mask, no copy of the cache), one (sequence, kv head) per OpenMP task.
+sees (no mask, no copy of the cache), one (sequence, kv head) per OpenMP task. Measured on 2
+cores, SmolLM2-135M shapes, 16 sequences of up to 170 positions: 0.14 against 0.26 ms per layer
+(bfloat16); the engine's 16-stream decode went from ~347 to ~410 tokens/s.
 
 It is compiled on first use with the system's C compiler (``cc``, a second or two) into
 ``~/.cache/llmkit/kernels`` and loaded with ctypes; no torch headers. Where that fails (no
