@@ -187,8 +187,8 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, g: "Rows", cache: KVCache | None, layer: int) -> torch.Tensor:
         """q (b, t, H, D), k/v (b, t, Hk, D) of one group -> (b, t, H * D)."""
         b, t = q.shape[:2]
-        if g.decode is not None and q.dtype == cache.k.dtype:  # one query per sequence, on CPU
-            cache.write(layer, g.slots, g.positions, k.to(cache.k.dtype), v.to(cache.v.dtype))
+        if g.decode is not None:  # one query per sequence, on CPU, in the cache's dtype: the C kernel
+            cache.write(layer, g.slots, g.positions, k, v)
             y = cpu_attention.decode_attention(q[:, 0], cache.k[layer], cache.v[layer], g.decode)
             return y.reshape(b, 1, self.h * self.d)
         if cache is not None:  # (b, Hk, L, D)
@@ -313,9 +313,9 @@ class Transformer(nn.Module):
             b, t = tokens.shape
             if positions is None:
                 positions = torch.arange(t, device=tokens.device).expand(b, t)
-            groups.append(self._rows(start, positions, slots, cache))
-            start += b * t
             x = self.embed(tokens)
+            groups.append(self._rows(start, positions, slots, cache, x.dtype))
+            start += b * t
             if self.config.position == "learned":
                 x = x + self.pos_embed(positions)
             xs.append(x)
@@ -339,8 +339,10 @@ class Transformer(nn.Module):
                 for part, o in zip(logits.split([o.shape[0] * o.shape[1] for o in outs]), outs)]
 
     def _rows(self, start: int, positions: torch.Tensor, slots: torch.Tensor | None,
-              cache: KVCache | None) -> "Rows":
-        """How one batch's rows attend: its cache slots, the key length and the mask."""
+              cache: KVCache | None, dtype: torch.dtype) -> "Rows":
+        """How one batch's rows attend: its cache slots, the key length, and the mask or, for one
+        new token per sequence on CPU with a cache in the activations' dtype, the C kernel's ranges
+        (llmkit.cpu_attention)."""
         b, t = positions.shape
         device = positions.device
         span = None
@@ -355,10 +357,16 @@ class Transformer(nn.Module):
         else:
             length = t
             key_pos = positions  # (B, T): the keys are the new tokens themselves
+        window = self.config.sliding_window
+        if cache is not None and t == 1 and device.type == "cpu" and cache.k.dtype == dtype \
+                and dtype in (torch.bfloat16, torch.float32) and cpu_attention.available():
+            c = self.config
+            decode = cpu_attention.prepare(slots, positions, window, cache.slots, cache.max_len,
+                                           c.num_heads, c.num_kv_heads, c.head_dim)
+            return Rows(start, b, t, slots, positions, length, span, None, decode)
         # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
         kp = key_pos.view(1, 1, -1) if key_pos.dim() == 1 else key_pos[:, None, :]
         qp = positions[:, :, None]
-        window = self.config.sliding_window
         if b == 1 and t == 1 and (not window or length <= window):
             mask = None  # one new token that sees every cached key: no mask, SDPA's fastest path
         else:
@@ -368,13 +376,7 @@ class Transformer(nn.Module):
             mask = mask[:, None]
             if t <= SMALL_QUERY and positions.device.type != "cuda":  # small_query_attention adds it
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        decode = None  # one new token per sequence on CPU: the C kernel (llmkit.cpu_attention)
-        if cache is not None and t == 1 and device.type == "cpu" and cpu_attention.available() \
-                and cache.k.dtype in (torch.bfloat16, torch.float32):
-            c = self.config
-            decode = cpu_attention.prepare(slots, positions, window, cache.slots, cache.max_len,
-                                           c.num_heads, c.num_kv_heads, c.head_dim)
-        return Rows(start, b, t, slots, positions, length, span, mask, decode)
+        return Rows(start, b, t, slots, positions, length, span, mask)
 
 
 @dataclass

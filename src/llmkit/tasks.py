@@ -253,8 +253,7 @@ def hidden_states(llm, tokens: torch.Tensor, then: Callable[[torch.Tensor], Any]
     return in_fresh_thread(run)
 
 
-@torch.inference_mode()
-def _hidden_states(llm, tokens: torch.Tensor) -> torch.Tensor:
+def _hidden_states(llm, tokens: torch.Tensor) -> torch.Tensor:  # in hidden_states' inference mode
     model = llm.model
     me = threading.get_ident()
 
