@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from llmkit.engine import Engine, Request
+from llmkit.engine import Engine, Event, Handle, Request
 from llmkit.errors import ContextLengthError, LLMKitError, ModelNotFoundError
 from llmkit.sampling import SamplingParams
 from llmkit.tasks import TaskMixin
@@ -163,15 +163,49 @@ class LLM(TaskMixin):
 
     # ------------------------------------------------------------------ text in, text out
 
+    # ------------------------------------------------------------------ the one door into the engine
+
+    def requests(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, n: int = 1,
+                 logprobs: int | None = None) -> list[Request]:
+        """One engine Request per choice: ``n`` per prompt, choice index = prompt index * n + j.
+        With ``params.seed`` set, choice i gets seed + i: distinct but reproducible streams."""
+        out = []
+        for i, ids in enumerate(prompts):
+            for j in range(n):
+                k = i * n + j
+                p = params if params.seed is None or k == 0 else params.replace(seed=params.seed + k)
+                out.append(Request(list(ids), p, logprobs=logprobs))
+        return out
+
+    def check(self, request: Request) -> None:
+        """Raise ContextLengthError if the request cannot fit the context window."""
+        self.engine.check(request)
+
+    def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queue a request on this model's engine; returns a Handle (events, cancel()).
+        ``on_event`` is called on the engine's thread; without it, iterate ``handle.events()``."""
+        return self.engine.submit(request, on_event)
+
+    def run(self, requests: Sequence[Request]) -> Iterator[Event]:
+        """Submit requests together; yield their events as they come (``Event.index`` = position).
+        Closing the iterator early cancels whatever has not finished."""
+        return self.engine.run(requests)
+
+    def set_limits(self, max_batch: int | None = None, max_queue: int | None = None) -> None:
+        """Bounds of this model's engine: requests decoded together (capped by what the executor
+        was built for) and requests that may wait for a slot (None: no limit)."""
+        self.engine.set_limits(max_batch=max_batch, max_queue=max_queue)
+
+    # ------------------------------------------------------------------ text in, text out
+
     def _prompt_ids(self, prompt: str) -> list[int]:
         # add_special_tokens=True: a BOS where the model's tokenizer asks for one, as llama.cpp does
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
         """Complete one prompt (-> str) or several together (-> list[str])."""
-        params = SamplingParams(**sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = self._run([self._prompt_ids(p) for p in prompts], params)
+        texts = self._texts([self._prompt_ids(p) for p in prompts], SamplingParams(**sampling))
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
@@ -189,26 +223,22 @@ class LLM(TaskMixin):
 
     def generate_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> list[int]:
         """Generate from token ids; return the new token ids (end-of-sequence included if hit)."""
-        request = Request(list(prompt_ids), SamplingParams(**sampling))
-        return [e.token for e in self.engine.run([request]) if e.token is not None]
+        requests = self.requests([prompt_ids], SamplingParams(**sampling))
+        return [e.token for e in self.run(requests) if e.token is not None]
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-        requests = [Request(ids, params) for ids in prompts]
-        if params.seed is not None and len(requests) > 1:
-            # distinct but reproducible streams for the prompts of one call
-            requests = [Request(ids, params.replace(seed=params.seed + i)) for i, ids in enumerate(prompts)]
+    def _texts(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
         pieces: list[list[str]] = [[] for _ in prompts]
-        for event in self.engine.run(requests):
+        for event in self.run(self.requests(prompts, params)):
             pieces[event.index].append(event.text)
         return ["".join(p) for p in pieces]
 
     def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        # validate now, not at the first next(): errors belong to the call that caused them
-        params.validate()
-        self.engine.check(Request(ids, params))
+        # check now, not at the first next(): errors belong to the call that caused them
+        (request,) = self.requests([ids], params)
+        self.check(request)
 
         def pieces() -> Iterator[str]:
-            for event in self.engine.run([Request(ids, params)]):
+            for event in self.run([request]):
                 if event.text:
                     yield event.text
 

@@ -59,7 +59,6 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
     torch.set_num_threads(threads)
     start = time.perf_counter()
     import llmkit
-    from llmkit.engine import Request
     from llmkit.sampling import SamplingParams
 
     llm = llmkit.load(model, quantize=quantize, executor=executor, dtype=dtype if executor == "torch" else None,
@@ -71,7 +70,7 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
     prefill = _median_time(lambda: llm.generate_ids(prompt, max_tokens=1, temperature=0), repeats)
 
     def decode_one() -> float:
-        stream = llm.engine.run([Request(short, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))])
+        stream = llm.run(llm.requests([short], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)))
         first = None
         for e in stream:
             if first is None:
@@ -85,7 +84,7 @@ def _llmkit_worker(model: str, threads: int, repeats: int, quantize: str | None,
         prompts = [llm.tokenizer.encode(f"Story number {i}: once upon a time") for i in range(n)]
         params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
         t0 = time.perf_counter()
-        handles = [llm.engine.submit(Request(p, params)) for p in prompts]
+        handles = [llm.submit(r) for r in llm.requests(prompts, params)]
         for h in handles:
             for _ in h.events():
                 pass

@@ -1,6 +1,10 @@
 """The transformer: one readable nn.Module for the Llama family and GPT-2, switched by config fields.
 
 Pure PyTorch: no file I/O, no transformers import. Checkpoint name maps live in ``llmkit.formats``.
+The heavy operations (linears, norms, embeddings, one-query attention) go through an ``Ops`` object:
+the default is plain PyTorch, the arithmetic training, export and reference logits use; the
+engine's executor passes its own (packed or quantized weights, native kernels) and keeps whatever
+it derives from the model in that object, so the module itself never changes behaviour.
 Shapes in comments: B batch, T new tokens, L cached length, H heads, Hk kv heads, D head dim, C hidden.
 """
 
@@ -13,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit import cpu_attention
 from llmkit.config import ModelConfig
 
 
@@ -63,11 +66,41 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():  # the engine: one fused kernel instead of eight ops
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        xf = x.float()  # training and export: HF's exact steps, float32 inside
+        xf = x.float()  # HF's exact steps, float32 inside
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class Ops:
+    """How the model runs its heavy operations; this default is plain PyTorch.
+
+    An executor subclasses it and passes an instance to ``Transformer.forward_many``: its own
+    matmuls for a group of linears that read the same input (q/k/v, gate/up), its own norm and
+    embedding lookup, and a kernel for one-query-per-sequence attention over the cache.
+    """
+
+    def linear(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each module applied to x (modules that read the same input come together)."""
+        return tuple(m(x) for m in modules)
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    def embed(self, module: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+        return module(tokens)
+
+    def decode_plan(self, slots: torch.Tensor, positions: torch.Tensor, cache: "KVCache",
+                    config: ModelConfig, dtype: torch.dtype):
+        """For rows of one new token per sequence: whatever ``decode_attention`` needs, or None
+        to attend with the masked torch path."""
+        return None
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+        """q (B, H, D) against the cache's k/v (slots, Hk, L, D) of one layer -> (B, H, D)."""
+        raise NotImplementedError
+
+
+PLAIN = Ops()
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -166,30 +199,28 @@ class Attention(nn.Module):
         self.h, self.hk, self.d = h, hk, d
         self.rot = config.rotary_dim if config.position == "rope" else 0
 
-    def forward(self, x, rope, groups: list["Rows"], cache: KVCache | None, layer: int):
+    def forward(self, x, rope, groups: list["Rows"], cache: KVCache | None, layer: int, ops: Ops):
         """x (B, T, C) for one group of rows, or (1, N, C) for several (see Transformer.forward_many)."""
         b, t, _ = x.shape
-        fused = self.__dict__.get("fused_qkv")  # an executor's one matmul for all three (engine/executor.py)
-        qkv = fused(x) if fused is not None else None
-        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = ops.linear((self.q_proj, self.k_proj, self.v_proj), x)
         q, k, v = q.view(b, t, self.h, self.d), k.view(b, t, self.hk, self.d), v.view(b, t, self.hk, self.d)
         if self.rot:  # q and k rotated together: half the small ops of one decode step
             q, k = apply_rope(torch.cat((q, k), dim=2), *rope, self.rot).split((self.h, self.hk), dim=2)
         if len(groups) == 1:
-            y = self._attend(q, k, v, groups[0], cache, layer)
+            y = self._attend(q, k, v, groups[0], cache, layer, ops)
         else:  # each group's rows attend within their own sequences
             def rows(z, g):
                 return z[0, g.start : g.start + g.b * g.t].reshape(g.b, g.t, *z.shape[2:])
-            y = torch.cat([self._attend(rows(q, g), rows(k, g), rows(v, g), g, cache, layer).reshape(-1, self.h * self.d)
-                           for g in groups])[None]
-        return self.o_proj(y)
+            y = torch.cat([self._attend(rows(q, g), rows(k, g), rows(v, g), g, cache, layer, ops)
+                           .reshape(-1, self.h * self.d) for g in groups])[None]
+        return ops.linear((self.o_proj,), y)[0]
 
-    def _attend(self, q, k, v, g: "Rows", cache: KVCache | None, layer: int) -> torch.Tensor:
+    def _attend(self, q, k, v, g: "Rows", cache: KVCache | None, layer: int, ops: Ops) -> torch.Tensor:
         """q (b, t, H, D), k/v (b, t, Hk, D) of one group -> (b, t, H * D)."""
         b, t = q.shape[:2]
-        if g.decode is not None:  # one query per sequence, on CPU, in the cache's dtype: the C kernel
+        if g.decode is not None:  # one query per sequence: the executor's kernel (Ops.decode_plan)
             cache.write(layer, g.slots, g.positions, k, v)
-            y = cpu_attention.decode_attention(q[:, 0], cache.k[layer], cache.v[layer], g.decode)
+            y = ops.decode_attention(q[:, 0], cache.k[layer], cache.v[layer], g.decode)
             return y.reshape(b, 1, self.h * self.d)
         if cache is not None:  # (b, Hk, L, D)
             k, v = cache.update(layer, g.slots, g.positions, k.to(cache.k.dtype), v.to(cache.v.dtype), g.length, g.span)
@@ -214,13 +245,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=bias)
         self.act = _ACTIVATIONS[config.activation]
 
-    def forward(self, x):
+    def forward(self, x, ops: Ops = PLAIN):
         if self.gated:
-            fused = self.__dict__.get("fused_gate_up")  # an executor's one matmul for both
-            gate_up = fused(x) if fused is not None else None
-            gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.up_proj(x)))
+            gate, up = ops.linear((self.gate_proj, self.up_proj), x)
+            h = self.act(gate) * up
+        else:
+            h = self.act(ops.linear((self.up_proj,), x)[0])
+        return ops.linear((self.down_proj,), h)[0]
 
 
 class Block(nn.Module):
@@ -231,9 +262,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, groups, cache, layer):
-        x = x + self.attn(self.attn_norm(x), rope, groups, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, rope, groups, cache, layer, ops: Ops = PLAIN):
+        x = x + self.attn(ops.norm(self.attn_norm, x), rope, groups, cache, layer, ops)
+        return x + self.mlp(ops.norm(self.mlp_norm, x), ops)
 
 
 class Transformer(nn.Module):
@@ -303,18 +334,19 @@ class Transformer(nn.Module):
         return self.forward_many([(tokens, positions, slots)], cache, last_only)[0]
 
     def forward_many(self, batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-                     cache: KVCache | None = None, last_only: bool = False) -> list[torch.Tensor]:
+                     cache: KVCache | None = None, last_only: bool = False, ops: Ops = PLAIN) -> list[torch.Tensor]:
         """Several batches, each (tokens (b, t), positions or None, slots or None) as ``forward``
         takes them, in one pass: the matmuls run once over all their rows (the weights are read
         once), attention per batch. How a prompt chunk (1, T) rides along with decode steps (B, 1).
-        Returns each batch's logits as ``forward`` would."""
+        Returns each batch's logits as ``forward`` would. ``ops``: how the heavy operations run
+        (see Ops; an executor passes its own)."""
         groups, xs, ropes, start = [], [], [], 0
         for tokens, positions, slots in batches:
             b, t = tokens.shape
             if positions is None:
                 positions = torch.arange(t, device=tokens.device).expand(b, t)
-            x = self.embed(tokens)
-            groups.append(self._rows(start, positions, slots, cache, x.dtype))
+            x = ops.embed(self.embed, tokens)
+            groups.append(self._rows(start, positions, slots, cache, x.dtype, ops))
             start += b * t
             if self.config.position == "learned":
                 x = x + self.pos_embed(positions)
@@ -329,20 +361,24 @@ class Transformer(nn.Module):
             x = flat(xs)
             rope = (flat([r[0] for r in ropes]), flat([r[1] for r in ropes])) if ropes else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, groups, cache, i)
+            x = layer(x, rope, groups, cache, i, ops)
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return ops.linear((self.lm_head,), ops.norm(self.norm, h))[0].float()
+
         if len(xs) == 1:
-            return [self.lm_head(self.norm(x[:, -1:] if last_only else x)).float()]
+            return [head(x[:, -1:] if last_only else x)]
         outs = [x[0, g.start : g.start + g.b * g.t].view(g.b, g.t, -1) for g in groups]
         outs = [o[:, -1:] if last_only else o for o in outs]
-        logits = self.lm_head(self.norm(torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]))).float()
+        logits = head(torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]))
         return [part.view(o.shape[0], o.shape[1], -1)
                 for part, o in zip(logits.split([o.shape[0] * o.shape[1] for o in outs]), outs)]
 
     def _rows(self, start: int, positions: torch.Tensor, slots: torch.Tensor | None,
-              cache: KVCache | None, dtype: torch.dtype) -> "Rows":
+              cache: KVCache | None, dtype: torch.dtype, ops: Ops) -> "Rows":
         """How one batch's rows attend: its cache slots, the key length, and the mask or, for one
-        new token per sequence on CPU with a cache in the activations' dtype, the C kernel's ranges
-        (llmkit.cpu_attention)."""
+        new token per sequence where the executor has a kernel for it, that kernel's plan
+        (Ops.decode_plan)."""
         b, t = positions.shape
         device = positions.device
         span = None
@@ -358,12 +394,10 @@ class Transformer(nn.Module):
             length = t
             key_pos = positions  # (B, T): the keys are the new tokens themselves
         window = self.config.sliding_window
-        if cache is not None and t == 1 and device.type == "cpu" and cache.k.dtype == dtype \
-                and dtype in (torch.bfloat16, torch.float32) and cpu_attention.available():
-            c = self.config
-            decode = cpu_attention.prepare(slots, positions, window, cache.slots, cache.max_len,
-                                           c.num_heads, c.num_kv_heads, c.head_dim)
-            return Rows(start, b, t, slots, positions, length, span, None, decode)
+        if cache is not None and t == 1:
+            decode = ops.decode_plan(slots, positions, cache, self.config, dtype)
+            if decode is not None:
+                return Rows(start, b, t, slots, positions, length, span, None, decode)
         # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
         kp = key_pos.view(1, 1, -1) if key_pos.dim() == 1 else key_pos[:, None, :]
         qp = positions[:, :, None]
@@ -392,4 +426,4 @@ class Rows:
     length: int  # keys to attend to, per sequence
     span: tuple[int, int] | None  # the slots as a range (first, last + 1), when consecutive
     mask: torch.Tensor | None
-    decode: tuple | None = None  # cpu_attention.prepare's, when the C kernel attends (one query each)
+    decode: object = None  # the executor's Ops.decode_plan, when its kernel attends (one query each)

@@ -203,7 +203,6 @@ def generate_batch(llm, prompts: Sequence[Sequence[int]], *, batch_size: int = 8
 
     With a seed, prompt i uses seed + i, so results do not depend on the batch size.
     """
-    from llmkit.engine import Request
     from llmkit.sampling import SamplingParams
 
     sampling = {"temperature": 0.0, **sampling}
@@ -212,16 +211,12 @@ def generate_batch(llm, prompts: Sequence[Sequence[int]], *, batch_size: int = 8
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        requests = []
-        for i, ids in enumerate(chunk):
-            params = base
-            if base.seed is not None:
-                params = params.replace(seed=base.seed + start + i)
-            if processors is not None:
-                params = params.replace(logits_processors=[processors()])
-            requests.append(Request(list(ids), params))
+        requests = llm.requests(chunk, base if base.seed is None else base.replace(seed=base.seed + start))
+        if processors is not None:  # a constraint keeps state per request: one processor each
+            for r in requests:
+                r.params = r.params.replace(logits_processors=[processors()])
         pieces: list[list[str]] = [[] for _ in chunk]
-        for event in llm.engine.run(requests):
+        for event in llm.run(requests):
             pieces[event.index].append(event.text)
         out.extend("".join(p) for p in pieces)
         if progress:

@@ -6,9 +6,8 @@ A background thread runs the scheduling loop. Each iteration (``step``):
 3. prefills at most ``prefill_chunk`` prompt tokens, first come first served, so a long prompt
    never stalls the running streams for more than one chunk: from one request on an executor
    that says ``prompts_per_step = 1`` (llama.cpp), else from as many as fit;
-4. decodes one token for every running request in a single batched forward, each at its own
-   position in its own slot. An executor with ``forward`` runs 3 and 4 as one pass (llama.cpp
-   takes a batch that mixes prompt chunks and decode tokens), which reads the weights once.
+4. decodes one token for every running request, each at its own position in its own slot, in
+   the same forward pass as the prompt chunks (``Executor.forward``), which reads the weights once.
 Requests join and leave between steps. Text comes out incrementally: a UTF-8 character split
 across tokens, and a possible beginning of a stop string, are held back until final.
 
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -35,6 +35,8 @@ from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
 PREFILL_CHUNK = 512  # prompt tokens per step
+
+log = logging.getLogger(__name__)
 
 
 # Engines with a live thread, stopped at interpreter exit: a daemon thread still freeing tensors
@@ -96,7 +98,11 @@ class Handle:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
         if self._on_event is not None:
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except Exception:  # a caller's callback must not take the engine (and everyone else) down
+                log.exception("on_event callback of request %d failed; cancelling the request", self.id)
+                self.cancelled = True
         else:
             self._queue.put(event)
 
@@ -190,9 +196,22 @@ class Engine:
                 f"lower max_tokens to at most {self.context_length - n}."
             )
 
+    def set_limits(self, max_batch: int | None = None, max_queue: int | None = None) -> None:
+        """Requests decoded together (capped by the executor's own ``max_batch`` when it has one)
+        and requests that may wait for a slot (None: no limit). Slots in use stay in use."""
+        with self._lock:
+            self.max_queue = max_queue
+            if max_batch is not None:
+                cap = getattr(self.executor, "fixed_slots", None)
+                self.max_batch = min(max_batch, cap) if cap else max_batch
+                used = {s.slot for s in self._running}
+                self._free_slots = [i for i in range(self.max_batch) if i not in used]
+                if hasattr(self.executor, "max_batch") and not cap:
+                    self.executor.max_batch = max(self.max_batch, max(used, default=-1) + 1)
+
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
-        """Queue a request; raises ContextLengthError, InvalidSamplingError or QueueFullError."""
-        request.params.validate()
+        """Queue a request; raises ContextLengthError or QueueFullError. (SamplingParams validated
+        itself when it was made.)"""
         self.check(request)
         live = _Live(
             handle=None,  # set below
@@ -291,10 +310,27 @@ class Engine:
                     return
                 try:
                     self.step()
-                except BaseException as exc:  # fail every admitted request, keep serving others
-                    for live in self._running:
-                        self._finish(live, Event(live.handle.id, None, "", "error", error=exc))
-                    self._running = []
+                except Exception as exc:  # fail every admitted request, free their slots, keep serving
+                    log.exception("engine step failed; failing the %d running requests", len(self._running))
+                    self._fail_running(exc)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        """Every admitted request ends with an error event; every slot goes back to the free list
+        even if the executor fails again while releasing it."""
+        failed, self._running = self._running, []
+        for live in failed:
+            try:
+                self.executor.release(live.slot)
+            except Exception:
+                log.exception("releasing slot %d failed", live.slot)
+            with self._lock:
+                self._free_slots.append(live.slot)
+                self._free_slots.sort()
+            live.handle._emit(Event(live.handle.id, None, "", "error", error=exc))
+        try:
+            self._fit()
+        except Exception:
+            log.exception("resizing the cache after a failed step failed")
 
     def step(self) -> None:
         self._drop_cancelled()
@@ -303,14 +339,9 @@ class Engine:
         chunks = self._prompt_chunks()
         if not chunks and not decoding:
             return
-        if hasattr(self.executor, "forward"):  # one pass over prompt chunks and decode tokens together
-            pre_logits, dec_logits = self.executor.forward(
-                [(s.slot, ids, s.prefilled) for s, ids in chunks],
-                [(s.slot, s.generated[-1], s.position) for s in decoding])
-        else:
-            pre_logits = [self.executor.prefill(s.slot, ids, s.prefilled) for s, ids in chunks]
-            dec_logits = self.executor.decode([s.slot for s in decoding], [s.generated[-1] for s in decoding],
-                                              [s.position for s in decoding]) if decoding else []
+        pre_logits, dec_logits = self.executor.forward(
+            [(s.slot, ids, s.prefilled) for s, ids in chunks],
+            [(s.slot, s.generated[-1], s.position) for s in decoding])
         for (s, ids), logits in zip(chunks, pre_logits):
             s.prefilled += len(ids)
             if s.prefilled == len(s.request.prompt_ids):
@@ -352,13 +383,21 @@ class Engine:
             self._finish(live, Event(live.handle.id, None, "", "cancelled"))
 
     def _admit(self) -> None:
+        budget = getattr(self.executor, "token_budget", None)  # one cache pool shared by all slots
         with self._lock:
             while self._waiting and self._free_slots:
+                if budget is not None and self._running and \
+                        self._need(self._running) + self._need([self._waiting[0]]) > budget:
+                    break  # wait until running requests give cells back
                 live = self._waiting.popleft()
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
                 self._fit()
         self._running.sort(key=lambda s: s.slot)
+
+    @staticmethod
+    def _need(lives) -> int:
+        return sum(len(s.request.prompt_ids) + s.request.params.max_tokens for s in lives)
 
     def _fit(self) -> None:
         """Tell the executor what the running requests need: positions and slots."""

@@ -3,7 +3,7 @@
 The engine keeps scheduling, sampling, stop strings and text; an executor only turns token ids
 at positions in cache slots into next-token logits. ``TorchExecutor`` runs llmkit's own model
 (CPU or CUDA, quantized or not); ``llmkit.engine.llamacpp.LlamaCppExecutor`` runs GGUF files on
-llama.cpp. Both give the engine the same four calls.
+llama.cpp. Both give the engine the same calls (``Executor``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit import cpu_attention
+from llmkit.model import Ops, RMSNorm
 from llmkit.threads import in_fresh_thread
 
 
 class Executor(Protocol):
+    """What the engine calls. Optional attributes: ``prompts_per_step`` (prompts that may share a
+    step; no limit when absent), ``token_budget`` (cache cells shared by all slots: the engine
+    admits requests while their prompt + max_tokens fit), ``fixed_slots`` (the slots the executor
+    was built for; the engine never hands out more)."""
+
     vocab_size: int
     context_length: int
 
@@ -26,11 +32,10 @@ class Executor(Protocol):
         """Size the cache for the running requests: ``length`` positions (the longest one's need)
         in slots 0..``slots``-1. Grow when needed; shrink when the long ones are gone."""
 
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Write ``ids`` at positions start.. of ``slot``; return the last position's logits [V]."""
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per slot at its position; return logits [B, V] (float32, CPU or model device)."""
+    def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass:
+        return each chunk's last-position logits [V] and the decode rows' logits [B, V]."""
 
     def release(self, slot: int) -> None:
         """Forget the slot's cached keys and values."""
@@ -38,13 +43,8 @@ class Executor(Protocol):
 
 class PackedMatmul:
     """``x @ W.T + b`` for one or several bfloat16 ``nn.Linear`` side by side (q/k/v, gate/up), with
-    W reordered once for oneDNN. Returns the outputs, one per linear, or None where it does not
-    apply (not inference mode, not bfloat16): the caller then takes the plain modules.
-
-    Measured on 2 cores (AVX512-BF16): 576x1536 at 16 rows 0.09 against 0.18 ms for F.linear,
-    which reorders the weight on every call; one call for q, k and v (and for gate and up) instead
-    of three (two) saves ~1.6 ms of a 16-row SmolLM2 decode step. Results equal F.linear's.
-    """
+    W reordered once for oneDNN (``F.linear`` reorders it on every call). One call for q, k and v
+    (and for gate and up) instead of three (two). Results equal F.linear's."""
 
     def __init__(self, linears: list[nn.Linear]):
         with torch.no_grad():
@@ -54,55 +54,65 @@ class PackedMatmul:
             self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.sizes = [m.out_features for m in linears]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        if x.dtype != torch.bfloat16 or not torch.is_inference_mode_enabled():
-            return None
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
         y = y.view(*x.shape[:-1], y.shape[-1])
         return (y,) if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
 
 
-class PackedLinear(nn.Linear):
-    """nn.Linear that, in inference mode with bfloat16 inputs, multiplies by its PackedMatmul.
-    Everything else (training, export, float32) takes the plain weight."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.__dict__.get("packed")
-        out = packed(x) if packed is not None else None
-        return out[0] if out is not None else F.linear(x, self.weight, self.bias)
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Give the plain bfloat16 nn.Linear on CPU oneDNN-packed copies of their weights (see
-    PackedMatmul): attention q/k/v and MLP gate/up as one fused matmul each (set as the module's
-    ``fused_qkv`` / ``fused_gate_up``, which model.py takes when present), every other one through
-    PackedLinear. Return how many linears. Skipped where oneDNN lacks bfloat16 or where the copies
-    would take more than a quarter of the memory available. Call again after changing the weights."""
+def pack_linears(model: nn.Module) -> dict[tuple[int, ...], PackedMatmul]:
+    """oneDNN-packed copies of the plain bfloat16 nn.Linear weights on CPU: attention q/k/v and MLP
+    gate/up as one matmul each, every other linear alone. Keyed by the ids of the modules, in the
+    order the model passes them to ``Ops.linear``. Empty where oneDNN lacks bfloat16 or where the
+    copies would take more than a quarter of the memory available. The model is not changed."""
     def plain(m) -> bool:
-        return type(m) in (nn.Linear, PackedLinear) and m.weight.dtype == torch.bfloat16 \
-            and m.weight.device.type == "cpu"
+        return type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
 
     linears = [m for m in model.modules() if plain(m)]
     if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return 0
+        return {}
     if sum(m.weight.numel() * 2 for m in linears) > _available_memory() // 4:
-        return 0
-    fused: set[int] = set()
+        return {}
+    packed: dict[tuple[int, ...], PackedMatmul] = {}
+    grouped: set[int] = set()
     for module in model.modules():
-        for attr, names in (("fused_qkv", ("q_proj", "k_proj", "v_proj")), ("fused_gate_up", ("gate_proj", "up_proj"))):
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             group = [getattr(module, n, None) for n in names]
             if all(g is not None and plain(g) for g in group) and len({g.bias is None for g in group}) == 1:
-                module.__dict__[attr] = PackedMatmul(group)  # not a submodule: outside the state dict
-                fused.update(id(g) for g in group)
+                packed[tuple(id(g) for g in group)] = PackedMatmul(group)
+                grouped.update(id(g) for g in group)
     for m in linears:
-        if id(m) in fused:
-            m.__dict__.pop("packed", None)
-            if type(m) is PackedLinear:
-                m.__class__ = nn.Linear
-        else:
-            m.__class__ = PackedLinear
-            m.packed = PackedMatmul([m])
-    return len(linears)
+        if id(m) not in grouped:
+            packed[(id(m),)] = PackedMatmul([m])
+    return packed
+
+
+class TorchOps(Ops):
+    """The torch executor's way of running the model (see model.Ops): bfloat16 linears through
+    oneDNN-packed weights, the fused rms_norm, and decode attention in llmkit's C kernel
+    (llmkit.cpu_attention) on CPU. What it derives from the model lives here, not in the model."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.packed = in_fresh_thread(lambda: pack_linears(model))  # see llmkit.threads
+        self.kernel = device.type == "cpu" and cpu_attention.available()  # built on first use, once
+
+    def linear(self, modules, x):
+        packed = self.packed.get(tuple(map(id, modules))) if x.dtype == torch.bfloat16 else None
+        return packed(x) if packed is not None else tuple(m(x) for m in modules)
+
+    def norm(self, module, x):
+        if isinstance(module, RMSNorm):  # one fused kernel instead of eight ops
+            return F.rms_norm(x, module.weight.shape, module.weight, module.eps)
+        return module(x)
+
+    def decode_plan(self, slots, positions, cache, config, dtype):
+        if not self.kernel or cache.k.dtype != dtype or dtype not in (torch.bfloat16, torch.float32):
+            return None
+        return cpu_attention.prepare(slots, positions, config.sliding_window, cache.slots, cache.max_len,
+                                     config.num_heads, config.num_kv_heads, config.head_dim)
+
+    def decode_attention(self, q, k, v, plan):
+        return cpu_attention.decode_attention(q, k, v, plan)
 
 
 def _available_memory() -> int:
@@ -132,10 +142,7 @@ class TorchExecutor:
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.cache = None
-        if self.device.type == "cpu":
-            cpu_attention.available()  # build the decode kernel now (a second or two, once per machine)
-        if not model.__dict__.get("packed_linears"):  # once per model: a server's engine shares the LLM's
-            model.__dict__["packed_linears"] = in_fresh_thread(lambda: pack_linears(model))  # see llmkit.threads
+        self.ops = TorchOps(model, self.device)
 
     def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache
@@ -156,12 +163,6 @@ class TorchExecutor:
             new.v[:, :n, :, :keep] = old.v[:, :n, :, :keep]
         self.cache = new
 
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        return self.forward([(slot, ids, start)], [])[0][0]
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        return self.forward([], [(s, t, p) for s, t, p in zip(slots, tokens, positions)])[1]
-
     def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass
@@ -175,7 +176,7 @@ class TorchExecutor:
             slots, tokens, positions = zip(*decodes)
             batches.append((torch.tensor(tokens, device=d)[:, None], torch.tensor(positions, device=d)[:, None],
                             torch.tensor(slots, device=d)))
-        out = self.model.forward_many(batches, cache=self.cache, last_only=True)
+        out = self.model.forward_many(batches, cache=self.cache, last_only=True, ops=self.ops)
         return [o[0, -1] for o in out[: len(chunks)]], (out[-1][:, -1] if decodes else out[:0])
 
     def release(self, slot: int) -> None:

@@ -66,12 +66,12 @@ class LlamaCppExecutor:
             raise LlamaCppError("llama.cpp could not create a context")
         self._batch = L.llama_batch_init(params.n_batch, 0, 1)
         self._capacity = params.n_batch
-        self.max_batch = max_batch  # sequences this context holds
+        self.max_batch = self.fixed_slots = max_batch  # sequences this context holds
         self.prompts_per_step = 1  # the engine's one prompt chunk per step: see Engine._prompt_chunks
         atexit.register(self.close)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
         self.context_length = min(context_length, params.n_ctx)
-        self.kv_cells = params.n_ctx
+        self.kv_cells = self.token_budget = params.n_ctx  # one pool: the engine admits against it
         self.threads = threads
 
     def _run(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
@@ -101,10 +101,6 @@ class LlamaCppExecutor:
     def fit(self, length: int, slots: int = 1) -> None:
         pass  # the context's cells were allocated up front
 
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        last = len(ids) - 1
-        return self._run([(t, start + i, slot, i == last) for i, t in enumerate(ids)])[0]
-
     def forward(self, chunks: list[tuple[int, list[int], int]], decode: list[tuple[int, int, int]]):
         """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one
         llama_decode: returns (last-position logits per chunk, logits [B, V] for decode)."""
@@ -115,9 +111,6 @@ class LlamaCppExecutor:
         entries += [(t, p, s, True) for s, t, p in decode]
         rows = self._run(entries)
         return list(rows[: len(chunks)]), rows[len(chunks) :]
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        return self._run([(t, p, s, True) for s, t, p in zip(slots, tokens, positions)])
 
     def release(self, slot: int) -> None:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self._ctx), slot, -1, -1)
