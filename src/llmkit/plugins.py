@@ -116,7 +116,8 @@ class _State:
 _state = _State()
 
 
-def _selected(names: list[str]) -> set[str] | None:
+def _selected() -> set[str] | None:
+    """The entry-point plugins LLMKIT_PLUGINS names (comma-separated), or None: all of them."""
     raw = os.environ.get("LLMKIT_PLUGINS")
     if raw is None:
         return None
@@ -133,7 +134,7 @@ def manager() -> pluggy.PluginManager:
 
     pm.register(_builtins, name="llmkit.builtins")
     eps = list(entry_points(group="llmkit"))
-    wanted = _selected([ep.name for ep in eps])
+    wanted = _selected()
     for ep in eps:
         if wanted is not None and ep.name not in wanted:
             continue

@@ -278,12 +278,3 @@ def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device:
     ckpt.model.to(device=device, dtype=dtype).eval()
     return Checkpoint(config=ckpt.config, model=ckpt.model, tokenizer=ckpt.tokenizer, path=folder, format="lora")
 
-
-def load_adapter(folder: str | Path, *, device=None, dtype=None):
-    """An ``llmkit.LLM`` of the adapter's base with the adapter merged in."""
-    from llmkit.api import LLM
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    ckpt = read_adapter(folder, dtype, device)
-    return LLM(ckpt.model, ckpt.tokenizer, name=str(folder), path=ckpt.path, format=ckpt.format)

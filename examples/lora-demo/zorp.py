@@ -4,7 +4,7 @@ The task: given a sentence that mentions one animal, answer ``<<ZORP:animal>>``.
 knows the Zorp format, so held-out accuracy starts near zero; the held-out sentences use animals
 and sentence templates never seen in training, so a high score is learning, not recall.
 
-    python -m llmkit.train.lora_demo --model smollm2-135m-instruct --out runs/zorp
+    python examples/lora-demo/zorp.py --model smollm2-135m-instruct --out runs/zorp
 
 It writes train.jsonl / test.jsonl, fine-tunes with LoRA, and prints exact-match accuracy on the
 held-out set before and after.
