@@ -36,8 +36,17 @@ def smollm2_gguf() -> Path:
 def smollm2(smollm2_gguf):
     import llmkit
 
-    # llmkit's own torch model: the parity tests compare its arithmetic with transformers'
-    return llmkit.load(smollm2_gguf, executor="torch")
+    # llmkit's own torch model, dequantized to float32 (the reference path): the parity tests
+    # compare its arithmetic with transformers'
+    return llmkit.load(smollm2_gguf, executor="torch", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_fast(smollm2_gguf):
+    """The default model as a user gets it by default: its GGUF blocks on the native kernels."""
+    import llmkit
+
+    return llmkit.load(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

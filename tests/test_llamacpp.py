@@ -44,7 +44,6 @@ def test_llama_cpp_refuses_what_it_cannot_run(tiny_model_dir):
         llmkit.load(tiny_model_dir("llama"), executor="llama.cpp")
 
 
-def test_auto_picks_llama_cpp_for_gguf_on_cpu(smollm2_gguf, tiny_model_dir):
-    assert llmkit.load(smollm2_gguf, max_batch=1).executor_name == "llama.cpp"
-    assert llmkit.load(smollm2_gguf, quantize="int8").executor_name == "torch"
-    assert llmkit.load(tiny_model_dir("llama")).executor_name == "torch"
+def test_llama_cpp_runs_only_when_asked_for(smollm2_gguf):
+    assert llmkit.load(smollm2_gguf, max_batch=1, executor="llama.cpp").executor_name == "llama.cpp"
+    assert llmkit.load(smollm2_gguf, max_batch=1).executor_name != "llama.cpp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -15,6 +16,7 @@ from llmkit.tasks import TaskMixin
 from llmkit.threads import in_fresh_thread
 
 Messages = Sequence[dict[str, Any]]
+log = logging.getLogger("llmkit")
 
 
 def _default_device() -> torch.device:
@@ -59,12 +61,15 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
-    On CPU the weights are float32; on CUDA bfloat16, unless ``dtype`` says otherwise ("auto" takes
-    bfloat16 on CPUs that multiply it natively too: faster, at bfloat16's precision).
+    The default is the fastest configuration for this machine: a GGUF file on CPU keeps its
+    weights in their block formats and multiplies by them with llmkit's native kernels (where a C
+    compiler can build them; else it is dequantized to float32, as said once in the log). Other
+    models: float32 on CPU, bfloat16 on CUDA, unless ``dtype`` says otherwise ("auto" takes
+    bfloat16 on CPUs that multiply it natively too). An explicit ``dtype`` on a GGUF file
+    dequantizes it to that type: ``dtype="float32"`` is the exact reference path.
     ``quantize`` ("int8" or "int4") applies weight-only quantization after loading (CPU).
-    ``executor``: "torch" runs llmkit's own model; "llama.cpp" runs a GGUF file on llama.cpp
-    (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top; "auto" picks
-    llama.cpp for GGUF files on CPU when it is installed, torch otherwise.
+    ``executor``: "torch" (or "auto") runs llmkit's own model; "llama.cpp" runs a GGUF file on
+    llama.cpp (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top.
     ``max_batch`` is how many requests the engine decodes together.
     """
     if executor not in EXECUTORS:
@@ -80,38 +85,52 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
             raise
         path = store.pull(name, progress=progress)
     device = torch.device(device) if device is not None else _default_device()
-    dtype = resolve_dtype(dtype, device)
+    blocks = executor != "llama.cpp" and _keeps_blocks(Path(path), device, dtype, quantize)
+    dtype = torch.float32 if blocks else resolve_dtype(dtype, device)
 
-    def read_here():
-        ckpt = read_checkpoint(path, dtype=dtype, device=device)
+    def read_here(keep=None):
+        ckpt = read_checkpoint(path, dtype=dtype, device=device, keep_quantized=keep)
         if quantize not in (None, "none"):
             from llmkit.quantize import quantize_model
 
             quantize_model(ckpt.model, quantize)
         return ckpt
 
-    def read():  # torch work off the caller's thread: see llmkit.threads
-        return in_fresh_thread(read_here)
+    def read(keep=None):  # torch work off the caller's thread: see llmkit.threads
+        return in_fresh_thread(lambda: read_here(keep))
 
-    if executor == "auto":
-        executor = _auto_executor(Path(path), device, quantize)
     if executor == "llama.cpp":
         return _load_llamacpp(name, Path(path), lambda: read().model, quantize, max_batch)
+    if blocks:
+        from llmkit.engine.executor import TorchExecutor
+        from llmkit.engine.quant import supported
+
+        ckpt = read(supported)
+        config = ckpt.config
+        runner = in_fresh_thread(lambda: TorchExecutor(ckpt.model, max_batch, config.max_position_embeddings,
+                                                       quantized=ckpt.quantized))
+        # llmkit's float model is read only if something needs it (logits, saving, training)
+        return LLM(None, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
+                   config=config, executor=runner, read_model=lambda: read().model)
     ckpt = read()
     return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
                max_batch=max_batch, quantize=quantize)
 
 
-def _auto_executor(path: Path, device: torch.device, quantize: str | None) -> str:
-    """llama.cpp for GGUF files on CPU when it is installed and no torch quantization was asked
-    for: measured here it decodes one stream ~4x faster than llmkit's int4 torch path (about 100
-    vs 25-30 tokens/s for SmolLM2-135M, `llmkit bench`). Everything else runs on torch."""
-    from importlib.util import find_spec
+def _keeps_blocks(path: Path, device: torch.device, dtype, quantize: str | None) -> bool:
+    """Whether a model runs on its GGUF blocks with the native kernels: a GGUF file, on CPU, with
+    no dtype or quantization asked for, where the kernels can be built here."""
+    gguf = path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
+                                      and len(list(path.glob("*.gguf"))) == 1)
+    if not gguf or device.type != "cpu" or dtype not in (None, "auto") or quantize not in (None, "none"):
+        return False
+    from llmkit.engine import quant
 
-    if path.suffix == ".gguf" and device.type == "cpu" and quantize in (None, "none") \
-            and find_spec("llama_cpp") is not None:
-        return "llama.cpp"
-    return "torch"
+    if not quant.available():
+        log.warning("llmkit's native kernels could not be built here (no C compiler?): %s is dequantized "
+                    "to float32, which reads 4-8x more memory per token", path.name)
+        return False
+    return True
 
 
 def _load_llamacpp(name: str, path: Path, read_model, quantize: str | None, max_batch: int) -> "LLM":
@@ -145,7 +164,7 @@ class LLM(TaskMixin):
         self.path = path
         self.format = format
         self.quantize = quantize
-        self.executor_name = "llama.cpp" if executor is not None else "torch"
+        self.executor_name = getattr(executor, "name", "torch")
         self.engine = Engine(executor if executor is not None else model, tokenizer,
                              self.config.max_position_embeddings, max_batch=max_batch)
         self.context_length = self.engine.context_length

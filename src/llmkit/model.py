@@ -319,7 +319,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, slots: int = 1, max_len: int | None = None, dtype=None) -> KVCache:
         """A cache in the model's own dtype unless ``dtype`` says otherwise."""
-        device, dtype = self.embed.weight.device, dtype or self.embed.weight.dtype
+        device, dtype = self.norm.weight.device, dtype or self.norm.weight.dtype  # the embedding may be held elsewhere (quantized)
         return KVCache(self.config, slots, max_len or self.config.max_position_embeddings, dtype, device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

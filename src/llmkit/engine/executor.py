@@ -115,6 +115,43 @@ class TorchOps(Ops):
         return cpu_attention.decode_attention(q, k, v, plan)
 
 
+class QuantOps(TorchOps):
+    """Runs a model whose weight matrices stayed in their GGUF block formats: each linear (and
+    the embedding table, and a tied output head) multiplies by its blocks directly with llmkit's
+    native kernels (llmkit.engine.quant), reading 4-8 bits per weight instead of 16 or 32. The
+    model's own parameters for those matrices are never allocated."""
+
+    def __init__(self, model: nn.Module, device: torch.device, quantized: dict):
+        from llmkit.engine.quant import QuantMatrix
+
+        super().__init__(model, device)
+        by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape) for name, q in quantized.items()}
+        self.matrices: dict[int, object] = {}  # id(module) -> QuantMatrix
+        for name, module in model.named_modules():
+            matrix = by_name.get(f"{name}.weight")
+            if matrix is not None:
+                self.matrices[id(module)] = matrix
+        tied = getattr(model, "lm_head", None)
+        if tied is not None and id(tied) not in self.matrices and "embed.weight" in by_name \
+                and tied.weight is model.embed.weight:
+            self.matrices[id(tied)] = by_name["embed.weight"]
+
+    def linear(self, modules, x):
+        out = []
+        for m in modules:
+            matrix = self.matrices.get(id(m))
+            if matrix is None:
+                out.extend(super().linear((m,), x))
+            else:
+                y = matrix(x)
+                out.append(y if m.bias is None else y + m.bias)
+        return tuple(out)
+
+    def embed(self, module, tokens):
+        matrix = self.matrices.get(id(module))
+        return module(tokens) if matrix is None else matrix.rows(tokens)
+
+
 def _available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -135,14 +172,18 @@ def _bucket(n: int, limit: int) -> int:
 
 
 class TorchExecutor:
-    def __init__(self, model: torch.nn.Module, max_batch: int, context_length: int):
+    """Runs llmkit's own model. ``quantized``: weight matrices kept in GGUF block formats, by
+    parameter name (``Checkpoint.quantized``); those run on the native quantized kernels."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, context_length: int, quantized: dict | None = None):
         self.model = model
         self.max_batch = max_batch
         self.context_length = context_length
         self.vocab_size = model.config.vocab_size
-        self.device = next(model.parameters()).device
+        self.device = model.norm.weight.device if hasattr(model, "norm") else next(model.parameters()).device
         self.cache = None
-        self.ops = TorchOps(model, self.device)
+        self.ops = QuantOps(model, self.device, quantized) if quantized else TorchOps(model, self.device)
+        self.name = "torch+gguf-kernels" if quantized else "torch"
 
     def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache

@@ -38,6 +38,8 @@ def _silence(L) -> None:
 
 
 class LlamaCppExecutor:
+    name = "llama.cpp"
+
     def __init__(self, gguf_path: str | Path, max_batch: int, context_length: int,
                  n_threads: int | None = None, kv_cells: int = 8192, chunk: int = 512):
         try:

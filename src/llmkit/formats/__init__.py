@@ -6,7 +6,7 @@ safetensors folders, ``gguf`` reads GGUF files. The model itself never reads a f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -25,16 +25,31 @@ class Checkpoint:
     tokenizer: object  # llmkit.tokenizer.Tokenizer
     path: Path
     format: str  # "gguf" | "hf"
+    # weight matrices kept in their file's block format, by parameter name (their parameters in
+    # ``model`` stay unallocated): what a quantized executor multiplies by directly
+    quantized: dict[str, "QuantizedTensor"] = field(default_factory=dict)
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight matrix as a GGUF file stores it: ``data`` uint8 [rows, bytes per row] of blocks
+    of ``ggml_type``, for a float matrix of ``shape`` (out_features, in_features)."""
+
+    data: torch.Tensor
+    ggml_type: int
+    shape: tuple[int, int]
 
 
 def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a GGUF file or an HF-format folder (config.json, *.safetensors, tokenizer.json)."""
+                    device: str | torch.device = "cpu", keep_quantized=None) -> Checkpoint:
+    """Read a GGUF file or an HF-format folder (config.json, *.safetensors, tokenizer.json).
+    ``keep_quantized(ggml_type) -> bool``: for GGUF files, which block formats stay as they are
+    (see ``read_gguf``)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from llmkit.formats.gguf import read_gguf
 
-        return read_gguf(path, dtype, device)
+        return read_gguf(path, dtype, device, keep_quantized)
     if path.is_dir():
         from llmkit.train.lora import is_adapter, read_adapter
 
@@ -48,7 +63,7 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
         if len(ggufs) == 1:
             from llmkit.formats.gguf import read_gguf
 
-            return read_gguf(ggufs[0], dtype, device)
+            return read_gguf(ggufs[0], dtype, device, keep_quantized)
         raise ModelFormatError(
             f"{path} is not a model folder: expected config.json with *.safetensors and tokenizer.json "
             "(Hugging Face format) or a single .gguf file"
@@ -62,8 +77,10 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                dtype: torch.dtype, device: str | torch.device, source: Path) -> torch.nn.Module:
-    """Create the model without initialising weights, then assign the checkpoint's tensors."""
+                dtype: torch.dtype, device: str | torch.device, source: Path,
+                skip: Iterable[str] = ()) -> torch.nn.Module:
+    """Create the model without initialising weights, then assign the checkpoint's tensors.
+    Parameters named in ``skip`` are held elsewhere (quantized blocks): they stay unallocated."""
     from llmkit.formats.archs import get_architecture
     from llmkit.model import Transformer
 
@@ -79,7 +96,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     expected = set(model.state_dict())
     if config.tie_embeddings:
         expected.discard("lm_head.weight")
-    missing = sorted(expected - set(state))
+    missing = sorted(expected - set(state) - set(skip))
     if missing:
         raise ModelFormatError(
             f"{source}: the checkpoint lacks {len(missing)} tensor(s) the {config.architecture} model "

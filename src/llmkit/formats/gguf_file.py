@@ -9,6 +9,7 @@ reader parses the same header with ``struct`` in well under a second. The common
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,13 @@ from llmkit.errors import ModelFormatError
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_SIZES = {**{t: struct.calcsize(f) for t, f in _SCALARS.items()}, _STRING: 8, _ARRAY: 4 + 8}  # smallest encoding
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays: real files use one level at most
+
+
+class _Corrupt(ValueError):
+    """A header value that cannot be right; GGUFFile turns it into ModelFormatError naming the file."""
 
 
 @dataclass
@@ -45,7 +53,7 @@ class GGUFFile:
         self._pos = 0
         try:
             self._parse()
-        except (struct.error, IndexError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError, OverflowError, TypeError) as exc:
             raise ModelFormatError(
                 f"{self.path}: the GGUF header is truncated or corrupt ({exc}); download or export the file again"
             ) from None
@@ -57,6 +65,16 @@ class GGUFFile:
         self._pos += struct.calcsize(fmt)
         return value
 
+    def _count(self, what: str, smallest: int) -> int:
+        """A count read from the file, refused when that many items of at least ``smallest``
+        bytes each cannot fit in the rest of the file (a corrupt count would otherwise loop for
+        hours or allocate without bound)."""
+        n = self._read("<Q")
+        left = len(self._buf) - self._pos
+        if n * smallest > left:
+            raise _Corrupt(f"{what}: {n:,} of them cannot fit in the {left:,} bytes left in the file")
+        return n
+
     def _string(self) -> str:
         n = self._read("<Q")
         end = self._pos + n
@@ -66,25 +84,28 @@ class GGUFFile:
         self._pos = end
         return s
 
-    def _value(self, vtype: int) -> Any:
+    def _value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self._string()
         if vtype == _ARRAY:
-            etype, count = self._read("<I"), self._read("<Q")
+            if depth >= _MAX_NESTING:
+                raise _Corrupt(f"arrays nested more than {_MAX_NESTING} deep")
+            etype = self._read("<I")
+            if etype not in _SIZES:
+                raise _Corrupt(f"unknown GGUF value type {etype} in an array")
+            count = self._count("array elements", _SIZES[etype])
             if etype == _STRING:
                 return [self._string() for _ in range(count)]
             if etype in _NUMPY:
                 dtype = np.dtype(_NUMPY[etype])
                 end = self._pos + count * dtype.itemsize
-                if end > len(self._buf):
-                    raise ValueError("an array runs past the end of the file")
                 arr = np.frombuffer(self._buf[self._pos : end], dtype=dtype)
                 self._pos = end
                 return arr.tolist()
-            return [self._value(etype) for _ in range(count)]
+            return [self._value(etype, depth + 1) for _ in range(count)]
         if vtype in _SCALARS:
             return self._read(_SCALARS[vtype])
-        raise ValueError(f"unknown GGUF value type {vtype}")
+        raise _Corrupt(f"unknown GGUF value type {vtype}")
 
     def _parse(self) -> None:
         if bytes(self._buf[:4]) != b"GGUF":
@@ -96,34 +117,55 @@ class GGUFFile:
                 f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are); "
                 "convert it again with a current llama.cpp or gguf package"
             )
-        n_tensors, n_kv = self._read("<Q"), self._read("<Q")
+        n_tensors = self._read("<Q")
+        n_kv = self._count("metadata entries", 8 + 4 + 1)  # the smallest: an empty key, a type, one byte
+        if n_tensors * (8 + 4 + 4 + 8) > len(self._buf) - self._pos:
+            raise _Corrupt(f"{n_tensors:,} tensors cannot be described in the rest of the file")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
+            if key in self.metadata:
+                raise _Corrupt(f"metadata key {key!r} appears twice")
             self.metadata[key] = self._value(self._read("<I"))
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            ne = [self._read("<Q") for _ in range(self._read("<I"))]
+            n_dims = self._read("<I")
+            if not 0 < n_dims <= _MAX_DIMS:
+                raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to {_MAX_DIMS})")
+            ne = [self._read("<Q") for _ in range(n_dims)]
             infos.append((name, ne, self._read("<I"), self._read("<Q")))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            raise _Corrupt(f"general.alignment is {align!r}, not a positive power of two")
         start = (self._pos + align - 1) // align * align
+        self.tensors = [self._tensor_info(name, ne, ttype, offset, start, align)
+                        for name, ne, ttype, offset in infos]
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise _Corrupt(f"tensor {twice!r} appears twice")
+
+    def _tensor_info(self, name: str, ne: list[int], ttype: int, offset: int, start: int, align: int) -> TensorInfo:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        self.tensors: list[TensorInfo] = []
-        for name, ne, ttype, offset in infos:
-            try:
-                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            except (ValueError, KeyError):
-                raise ModelFormatError(f"{self.path}: tensor {name} has unknown type {ttype}") from None
-            n = int(np.prod(ne)) if ne else 1
-            info = TensorInfo(name, tuple(reversed(ne)), ttype, start + offset, n // block * size)
-            if info.offset + info.nbytes > len(self._data):
-                raise ModelFormatError(
-                    f"{self.path}: the file is truncated: tensor {name} needs bytes up to "
-                    f"{info.offset + info.nbytes:,} but the file has {len(self._data):,}. Download it again."
-                )
-            self.tensors.append(info)
+        try:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise ModelFormatError(f"{self.path}: tensor {name} has unknown type {ttype}") from None
+        if ne[0] % block:
+            raise _Corrupt(f"tensor {name!r}: its rows of {ne[0]} values are not whole blocks of {block} "
+                           f"({GGMLQuantizationType(ttype).name})")
+        if offset % align:
+            raise _Corrupt(f"tensor {name!r}: its offset {offset} is not a multiple of the alignment {align}")
+        n = math.prod(ne)  # Python integers: a corrupt shape cannot overflow into a small size
+        info = TensorInfo(name, tuple(reversed(ne)), ttype, start + offset, n // block * size)
+        if info.offset + info.nbytes > len(self._data):
+            raise ModelFormatError(
+                f"{self.path}: the file is truncated or corrupt: tensor {name} needs bytes up to "
+                f"{info.offset + info.nbytes:,} but the file has {len(self._data):,}. Download it again."
+            )
+        return info
 
     # ------------------------------------------------------------------ tensors
 
@@ -132,6 +174,13 @@ class GGUFFile:
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """The tensor dequantized to a float32 torch tensor of ``info.shape`` (a fresh copy)."""
+        try:
+            return self._dequantize(info)
+        except (ValueError, RuntimeError) as exc:  # sizes the header promised and the data does not keep
+            raise ModelFormatError(f"{self.path}: tensor {info.name} cannot be read ({exc}); the file is "
+                                   "corrupt: download or export it again") from None
+
+    def _dequantize(self, info: TensorInfo) -> torch.Tensor:
         raw = self.raw(info)
         kind = _DEQUANT.get(info.type)
         if kind is not None:
