@@ -30,8 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). There, bfloat16 matmuls
-    run about 2-3x faster than float32 ones (576x1536 at 16 rows: 0.17 vs 0.37 ms on the reference
-    machine); without it, bfloat16 is emulated and slower."""
+    run faster than float32 ones; without it, bfloat16 is emulated and slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
@@ -128,7 +127,7 @@ def _keeps_blocks(path: Path, device: torch.device, dtype, quantize: str | None)
 
     if not quant.available():
         log.warning("llmkit's native kernels could not be built here (no C compiler?): %s is dequantized "
-                    "to float32, which reads 4-8x more memory per token", path.name)
+                    "to float32, which reads several times more memory per token", path.name)
         return False
     return True
 

@@ -24,11 +24,11 @@ class KVCache(nn.Module):
     """Keys and values for ``slots`` sequences, allocated once and written at positions.
 
     Layout per layer: (slots, Hk, max_len, D): writing T new tokens of B sequences is one indexed
-    assignment, and a run of slots read up to a length is a view, not a gather. (CPU bfloat16
-    bmm is slower on such a view than on a compact batch, 0.09 against 0.07 ms for 16 sequences
-    of 170 positions; attending over the whole row instead, masked, measured slower.) Positions are written from 0 upwards per slot; stale entries past
-    a sequence's current position are never read because the attention mask hides key positions
-    greater than the query's.
+    assignment, and a run of slots read up to a length is a view, not a gather (CPU bmm is a
+    little slower on such a view than on a compact batch, but attending over the whole row,
+    masked, is slower still: bench/NOTES.md). Positions are written from 0 upwards per slot;
+    stale entries past a sequence's current position are never read because the attention
+    mask hides key positions greater than the query's.
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device=None):
@@ -160,9 +160,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) 
 
 
 # Decode steps (a query or a few per sequence) on CPU: two batched matmuls and a float32 softmax.
-# PyTorch's CPU flash-attention kernel is built for long queries; measured on SmolLM2-135M with
-# 16 sequences decoding (bfloat16, one thread) it took 2.6 ms per layer, more than all the
-# layer's matmuls together; this path takes a fraction of that.
+# PyTorch's CPU flash-attention kernel is built for long queries: for a few queries per sequence
+# it cost more than all of a layer's matmuls together (bench/NOTES.md); this path takes a fraction.
 SMALL_QUERY = 16
 
 
@@ -174,8 +173,8 @@ def small_query_attention(q, k, v, mask):
     hk = k.shape[1]
     g = h // hk
     qg = q.reshape(b, hk, g * t, d)  # the g query heads that share a kv head, T rows each
-    # k (a view of the cache, rows of D) as the left operand: no copy of the keys (q @ k^T copied
-    # them: 0.39 against 0.16 ms at 16 sequences of 140 positions)
+    # k (a view of the cache, rows of D) as the left operand: no copy of the keys (q @ k^T
+    # copies them)
     scores = torch.matmul(k, qg.transpose(-1, -2)).transpose(-1, -2).float() * (d ** -0.5)  # (B, Hk, G*T, L)
     if mask is not None and t > 1:  # the query rows are (g, t): repeat the mask over g
         mask = mask.expand(b, 1, t, mask.shape[-1])[:, :, None].expand(b, 1, g, t, mask.shape[-1])
@@ -272,7 +271,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         # Embeddings start uninitialised (``_weight``): loaders overwrite them, and normal_ on the
-        # meta device costs ~1 s of one-time imports. Training from scratch calls init_weights().
+        # meta device costs a second of one-time imports. Training from scratch calls init_weights().
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
                                   _weight=torch.empty(config.vocab_size, config.hidden_size))
         if config.position == "learned":

@@ -7,10 +7,9 @@ modules for quantized ones, in place (gpt-fast style), so ``Transformer.forward`
   ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``.
 - ``"none"``: returns the model unchanged.
 
-Measured on the reference machine (2-core EPYC, AVX2, no native bf16; bench/quant_quality.py):
-these kernels are 10-15x faster with bfloat16 activations than with float32 ones, so each module
-casts its input to bfloat16 at the op and casts the result back to the input dtype; the residual
-stream, norms, attention and the KV cache stay float32.
+These kernels are many times faster with bfloat16 activations than with float32 ones
+(bench/NOTES.md), so each module casts its input to bfloat16 at the op and casts the result back
+to the input dtype; the residual stream, norms, attention and the KV cache stay float32.
 
 The kernels are CPU kernels: a model with parameters on another device raises ``QuantizationError``.
 """
@@ -32,22 +31,18 @@ MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 DEFAULT_INT4_GROUP = 32
 
-# Prefill (many rows per call). Measured per matrix on one thread, machine loaded
-# (bench/quant_quality.py --kernels): the bf16-activation kernels beat float32 MKL up to ~16 rows
-# and match it at ~32; from ~64 rows on float32 wins: 576x1536 at 512 rows 17 ms float32, 25 ms
-# int8 kernel, 23 ms int4 kernel; the 49152x576 head at 128 rows 172 ms float32, 435 ms int8,
-# 124 ms int4, at 512 rows 877 / 1963 / 620 ms. For int8 a float32 path needs only a transient
-# cast of the int8 weight (1 B -> 4 B per weight, freed after the call; a cached float copy would
-# undo the memory saving); with that cast, 576x1536 at 128 rows took 2.9 ms against 3.4 (kernel),
-# the head 264 ms against 435. So Int8Linear switches to "cast the weight, use MKL, scale the
-# output" from FLOAT_PATH_ROWS rows per call on (a 512-token prefill chunk, not decode: even 16
-# streams decode with 16 rows). The int4 packed layout is opaque (a blocked, kernel-private nibble
-# order), so a float path would need a second, unpacked copy of the weights; the int4 kernel stays
-# within ~1.4x of float32 at 512 rows, so int4 always uses its kernel.
+# Prefill (many rows per call): the bf16-activation kernels beat float32 MKL for a few rows, and
+# float32 wins from several dozen rows on (bench/NOTES.md). For int8 a float32 path needs only a
+# transient cast of the int8 weight (freed after the call; a cached float copy would undo the
+# memory saving), so Int8Linear switches to "cast the weight, use MKL, scale the output" from
+# FLOAT_PATH_ROWS rows per call on (a prompt chunk, not decode: even 16 streams decode with 16
+# rows). The int4 packed layout is opaque (a kernel-private nibble order), so a float path would
+# need a second, unpacked copy of the weights; the int4 kernel stays close to float32 at prompt
+# sizes, so int4 always uses its kernel.
 FLOAT_PATH_ROWS = 128
-# int4 range search (shrink each group's [min, max] when that lowers its squared error): tried with
-# (1.0, 0.95, 0.9, 0.85, 0.8); perplexity got worse (int4 head: +6.65% -> +7.82%): the clipped
-# outliers matter more than the finer steps. So the plain min/max grid (ratio 1.0) only.
+# int4 range search (shrink each group's [min, max] when that lowers its squared error) made
+# perplexity worse (bench/NOTES.md): the clipped outliers matter more than the finer steps. So the
+# plain min/max grid (ratio 1.0) only.
 CLIP_RATIOS = (1.0,)
 HEAD_MODE = "int8"  # what head=True means, in both modes: see quantize_model
 
@@ -196,13 +191,11 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *
     ``nn.Linear`` of the transformer blocks); ``head`` also quantizes ``lm_head``.
 
     ``head``: True (the default) makes ``lm_head`` int8 in both modes; "int8" / "int4" choose,
-    False leaves it float. Why: in SmolLM2-135M the tied 49152x576 head is 21% of all weights and,
-    in float32, 113 MB read per decoded token. As its own quantized module (the embedding stays
-    float: a lookup reads one row per token), it sped one-thread decode up, against a float head,
-    1.2x (int8 blocks: 11.1 -> 13.4 tokens/s) and 1.3x (int4 blocks: 15.1 -> 19.7); an int4 head
-    gave 1.55x (23.4) but cost +6.6% perplexity against +0.13% for the int8 head (the GGUF's
-    embedding is Q8_0, so 4 bits lose real information there). bench/quant_quality.py, on a
-    loaded 2-core machine, so the ratios are rough.
+    False leaves it float. Why: in SmolLM2-135M the tied 49152x576 head is a fifth of all weights,
+    all read for every decoded token. As its own quantized module (the embedding stays float: a
+    lookup reads one row per token) it speeds decode up; an int4 head is faster still but costs
+    far more perplexity than an int8 one (the GGUF's embedding is Q8_0, so 4 bits lose real
+    information there). Figures: bench/NOTES.md.
 
     Layers that cannot be quantized (int4: out_features not a multiple of 16, or no valid group
     size dividing in_features) stay float; ``model.quantization["skipped"]`` says which and why.

@@ -186,10 +186,9 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     probs = torch.softmax(logits, dim=-1)
     vocab = probs.shape[-1]
-    # Sorting a 49k vocabulary costs about 3.7 ms on one core here, its top 256 about 0.1 ms
-    # and top 4096 about 0.7 ms. The nucleus is usually far smaller than the vocabulary: when the
-    # top candidates already hold p of the mass the answer lies among them, and only otherwise
-    # do we sort everything.
+    # Sorting a whole vocabulary costs far more than taking its top few hundred (bench/NOTES.md).
+    # The nucleus is usually far smaller than the vocabulary: when the top candidates already
+    # hold p of the mass the answer lies among them, and only otherwise do we sort everything.
     for candidates in _TOP_P_CANDIDATES:
         if candidates >= vocab:
             break
@@ -232,8 +231,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     the given generator; rows need not be normalised.
 
     Inverse CDF on one uniform number per row. `torch.multinomial(probs, 1)` draws an exponential
-    variate for every token (the race trick) and took 1.1 ms for a 49k vocabulary on one core
-    here; the cumulative sum and a binary search take about 0.1 ms. The sum runs in float64 so
+    variate for every token (the race trick), about ten times the cost of a cumulative sum and a
+    binary search over a 49k vocabulary (bench/NOTES.md). The sum runs in float64 so
     that a 49k-long float32 sum does not drift, and a zero-probability token is never returned:
     it adds nothing to the cumulative sum, so no uniform number lands on it.
     """
@@ -276,7 +275,7 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
         self.generated: list[int] = []
         # Generated-token counts, sparse: a request sees a few hundred distinct tokens out of a
-        # ~50k vocabulary, and dense passes over the vocabulary cost ~0.05 ms each here.
+        # ~50k vocabulary, and every dense pass over the vocabulary costs time per token.
         self._counts: dict[int, int] = {}
         self._count_ids: torch.Tensor | None = None  # the keys of _counts, rebuilt on growth
         # The prompt is the same on every call of a request; its distinct ids are kept until
@@ -406,7 +405,7 @@ class Sampler:
         vocab = logits.shape[-1]
         if 0 < k < vocab and logits.dim() == 1:
             # Once top-k has run only k tokens are left, so the later filters and the draw can
-            # work on those k instead of the whole vocabulary (about 0.5 ms saved at 49k). Taken
+            # work on those k instead of the whole vocabulary. Taken
             # when the (k+1)-th logit is below the k-th, so that exactly k tokens survive;
             # ties at the k-th (all kept, as transformers does) go the long way.
             values, ids = torch.topk(logits, k + 1, dim=-1)

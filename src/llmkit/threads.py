@@ -3,9 +3,9 @@
 PyTorch's CPU ops run in parallel through OpenMP (libgomp), and every thread that starts a parallel
 op keeps its own team of OpenMP threads for as long as it lives. Once more team threads exist than
 cores, libgomp stops spin-waiting between parallel regions and puts idle workers to sleep at once,
-so each of the engine's many small ops per decode step pays a wake-up. Measured on 2 cores
-(SmolLM2-135M, bfloat16, 16 streams through the engine): 119-128 tokens/s after the model was
-loaded in the main thread, 175 after it was loaded in a thread that then ended.
+so each of the engine's many small ops per decode step pays a wake-up: the engine's 16-stream
+decode ran markedly slower after the model was loaded in the main thread than after it was
+loaded in a thread that then ended (bench/NOTES.md).
 
 So llmkit does heavy torch work outside the engine (reading a checkpoint, full-sequence logits) in
 a thread that ends with it, taking its team with it.

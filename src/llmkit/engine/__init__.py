@@ -357,11 +357,10 @@ class Engine:
         """This step's prompt tokens: up to ``prefill_chunk`` of them, first come first served.
 
         How many prompts may share a step is the executor's ``prompts_per_step`` (no limit when it
-        does not say). Measured with 16 chat clients on llama.cpp, several prompts per step raised
-        the median time to first token 2-4x (0.5 s -> 1.3-1.8 s) for at most +20% throughput, so
-        that executor takes one. The torch executor prefills ~1000 tokens/s; 16 streams starting
-        together then reach a full batch 15 steps sooner (SmolLM2, bfloat16, alternating runs:
-        16-stream decode 315 -> 343 tokens/s median, median time to first token 0.41 -> 0.27 s)."""
+        does not say). On llama.cpp several prompts per step raised the median time to first
+        token several-fold for little throughput, so that executor takes one; the torch executor
+        prefills fast enough that streams starting together reach a full batch sooner, with a
+        higher throughput and a lower time to first token (bench/NOTES.md)."""
         limit = getattr(self.executor, "prompts_per_step", None)
         chunks, budget = [], self.prefill_chunk
         for s in self._running:
