@@ -607,3 +607,18 @@ def test_any_splitting_emits_the_text_cut_at_the_first_stop(text, stops):
                 default=0,
             )
             assert len(held) == longest
+
+
+def test_logit_bias_keys_must_be_ascii_decimal_token_ids():
+    assert SamplingParams(logit_bias={"12": 1.0, "-0": 0.5}).logit_bias == {12: 1.0, 0: 0.5}
+    for key in ("\u00b2", "\u0663", "1e3", ""):  # superscript two and Arabic-Indic three pass str.isdigit()
+        with pytest.raises(InvalidSamplingError, match="logit_bias"):
+            SamplingParams(logit_bias={key: 1.0})
+
+
+def test_seeds_must_fit_in_64_bits():
+    SamplingParams(seed=2**64 - 1)
+    SamplingParams(seed=-(2**63))
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        with pytest.raises(InvalidSamplingError, match="seed"):
+            SamplingParams(seed=seed)

@@ -191,7 +191,7 @@ class LLM(TaskMixin):
         for i, ids in enumerate(prompts):
             for j in range(n):
                 k = i * n + j
-                p = params if params.seed is None or k == 0 else params.replace(seed=params.seed + k)
+                p = params if params.seed is None or k == 0 else params.replace(seed=(params.seed + k) % 2**64)
                 out.append(Request(list(ids), p, logprobs=logprobs))
         return out
 

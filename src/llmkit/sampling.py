@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,6 +53,9 @@ MAX_STOP_STRINGS = 16
 _TOP_P_TOLERANCE = 1e-6
 # How many of the most likely tokens top-p looks at before falling back to a full sort.
 _TOP_P_CANDIDATES = (256, 4096)
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
 
 
 def _is_int(value: Any) -> bool:
@@ -106,7 +110,7 @@ class SamplingParams:
             # JSON object keys arrive as strings ("50256": -100); accept them as token ids.
             bias: dict[int, float] = {}
             for key, value in self.logit_bias.items():
-                if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+                if isinstance(key, str) and _DECIMAL.fullmatch(key.strip()):
                     key = int(key)
                 bias[key] = value
             self.logit_bias = bias
@@ -134,8 +138,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not (-2 <= value <= 2):
                 raise _invalid(name, value, "in [-2, 2] (0 means off)")
-        if self.seed is not None and not _is_int(self.seed):
-            raise _invalid("seed", self.seed, "an integer or None")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise _invalid("seed", self.seed, "a 64-bit integer or None")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
             raise _invalid("stop", self.stop, "a string or a list of strings")
         if any(s == "" for s in self.stop):
