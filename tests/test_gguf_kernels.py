@@ -70,3 +70,17 @@ def test_batched_streams_on_the_blocks_equal_one_alone(smollm2_fast):
 def test_logits_and_saving_read_the_float_model_on_demand(smollm2_fast, smollm2):
     ids = smollm2.tokenizer.encode("Hello there")
     torch.testing.assert_close(smollm2_fast.logits(ids), smollm2.logits(ids))
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k"])
+def test_a_float_model_quantized_to_blocks_at_load(tiny_model_dir, kind):
+    ref = llmkit.load(tiny_model_dir("qwen2"))
+    llm = llmkit.load(tiny_model_dir("qwen2"), quantize=kind)  # biases on q/k/v; tied head
+    assert llm.executor_name == "torch+gguf-kernels" and llm.quantize == kind
+    ids = ref.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    got, want = _full_logits(llm, ids), ref.logits(ids)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (0.02 if kind == "q8_0" else 0.15), err
+    assert llm.generate("def add(a, b):", max_tokens=8, temperature=0, ignore_eos=True)  # runs end to end
+    with pytest.raises(llmkit.LLMKitError, match="quantize"):
+        llmkit.load(tiny_model_dir("qwen2"), quantize="q3_x")

@@ -24,6 +24,8 @@ def _default_device() -> torch.device:
 
 
 EXECUTORS = ("auto", "torch", "llama.cpp")
+BLOCK_KINDS = ("q8_0", "q4_0", "q4_k")  # quantize= values that run on the native block kernels
+QUANTIZE = ("none", "int8", "int4", *BLOCK_KINDS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,13 +68,17 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     models: float32 on CPU, bfloat16 on CUDA, unless ``dtype`` says otherwise ("auto" takes
     bfloat16 on CPUs that multiply it natively too). An explicit ``dtype`` on a GGUF file
     dequantizes it to that type: ``dtype="float32"`` is the exact reference path.
-    ``quantize`` ("int8" or "int4") applies weight-only quantization after loading (CPU).
+    ``quantize``: "q8_0", "q4_0" or "q4_k" quantizes the weight matrices to those GGUF block
+    formats at load and runs them on the native kernels (the float model stays for logits and
+    training); "int8" or "int4" swaps in torch's weight-only int8/int4 linears (CPU).
     ``executor``: "torch" (or "auto") runs llmkit's own model; "llama.cpp" runs a GGUF file on
     llama.cpp (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top.
     ``max_batch`` is how many requests the engine decodes together.
     """
     if executor not in EXECUTORS:
         raise LLMKitError(f"executor={executor!r} is not available; choose one of {', '.join(EXECUTORS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise LLMKitError(f"quantize={quantize!r} is not available; choose one of {', '.join(QUANTIZE)}")
     from llmkit import store
     from llmkit.formats import read_checkpoint
 
@@ -89,7 +95,7 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
 
     def read_here(keep=None):
         ckpt = read_checkpoint(path, dtype=dtype, device=device, keep_quantized=keep)
-        if quantize not in (None, "none"):
+        if quantize not in (None, "none", *BLOCK_KINDS):
             from llmkit.quantize import quantize_model
 
             quantize_model(ckpt.model, quantize)
@@ -111,6 +117,16 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
         # llmkit's float model is read only if something needs it (logits, saving, training)
         return LLM(None, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
                    config=config, executor=runner, read_model=lambda: read().model)
+    if quantize in BLOCK_KINDS:
+        from llmkit.engine.executor import TorchExecutor
+
+        ckpt = read_checkpoint(path, dtype=torch.float32, device=device) if device.type == "cpu" else None
+        if ckpt is None:
+            raise LLMKitError(f"quantize={quantize!r} runs on llmkit's CPU kernels; load on the CPU (device='cpu')")
+        runner = in_fresh_thread(lambda: TorchExecutor(ckpt.model, max_batch, ckpt.config.max_position_embeddings,
+                                                       quantize=quantize))
+        return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
+                   quantize=quantize, executor=runner)
     ckpt = read()
     return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
                max_batch=max_batch, quantize=quantize)

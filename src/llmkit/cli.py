@@ -111,7 +111,7 @@ def _load(model: str, quantize: str | None = None, executor: str = "auto", dtype
 
 model_option = click.option("-m", "--model", default="smollm2-135m-instruct", show_default=True,
                             help="A store name, a .gguf file, or a Hugging Face folder.")
-quantize_option = click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default=None,
+quantize_option = click.option("--quantize", type=click.Choice(["none", "q8_0", "q4_0", "q4_k", "int8", "int4"]), default=None,
                                help="Weight-only quantization on CPU: faster decode, slightly lower quality.")
 dtype_option = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
                             help="Weights and activations of the torch executor (default: float32 on CPU, "

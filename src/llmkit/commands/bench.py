@@ -12,7 +12,7 @@ from llmkit.cli import friendly_errors
 
 @click.command()
 @click.option("-m", "--model", default="smollm2-135m-instruct", show_default=True)
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
+@click.option("--quantize", type=click.Choice(["none", "q8_0", "q4_0", "q4_k", "int8", "int4"]), default="none", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="llmkit's torch executor: auto is bfloat16 on CPUs that multiply it natively, else float32.")
 @click.option("--compare", default="transformers,llama.cpp", show_default=True,

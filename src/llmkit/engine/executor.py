@@ -121,11 +121,15 @@ class QuantOps(TorchOps):
     native kernels (llmkit.engine.quant), reading 4-8 bits per weight instead of 16 or 32. The
     model's own parameters for those matrices are never allocated."""
 
-    def __init__(self, model: nn.Module, device: torch.device, quantized: dict):
+    def __init__(self, model: nn.Module, device: torch.device, quantized: dict | None = None,
+                 quantize: str | None = None):
         from llmkit.engine.quant import QuantMatrix
 
         super().__init__(model, device)
-        by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape) for name, q in quantized.items()}
+        by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape) for name, q in (quantized or {}).items()}
+        if quantize is not None:  # a float model: its linears quantized to ``quantize`` blocks, here
+            by_name.update({f"{name}.weight": QuantMatrix.quantize(m.weight, quantize)
+                            for name, m in model.named_modules() if type(m) is nn.Linear})
         self.matrices: dict[int, object] = {}  # id(module) -> QuantMatrix
         for name, module in model.named_modules():
             matrix = by_name.get(f"{name}.weight")
@@ -175,15 +179,17 @@ class TorchExecutor:
     """Runs llmkit's own model. ``quantized``: weight matrices kept in GGUF block formats, by
     parameter name (``Checkpoint.quantized``); those run on the native quantized kernels."""
 
-    def __init__(self, model: torch.nn.Module, max_batch: int, context_length: int, quantized: dict | None = None):
+    def __init__(self, model: torch.nn.Module, max_batch: int, context_length: int, quantized: dict | None = None,
+                 quantize: str | None = None):
         self.model = model
         self.max_batch = max_batch
         self.context_length = context_length
         self.vocab_size = model.config.vocab_size
         self.device = model.norm.weight.device if hasattr(model, "norm") else next(model.parameters()).device
         self.cache = None
-        self.ops = QuantOps(model, self.device, quantized) if quantized else TorchOps(model, self.device)
-        self.name = "torch+gguf-kernels" if quantized else "torch"
+        blocks = bool(quantized) or quantize is not None
+        self.ops = QuantOps(model, self.device, quantized, quantize) if blocks else TorchOps(model, self.device)
+        self.name = "torch+gguf-kernels" if blocks else "torch"
 
     def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache
