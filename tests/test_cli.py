@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from cli_helpers import run_llmkit
 
-COMMANDS = ["pull", "generate", "chat", "list", "show", "rm"]
+COMMANDS = ["bench", "chat", "eval", "explain", "export", "finetune", "generate", "list", "plugins", "prepare",
+            "pretrain", "pull", "rm", "run", "serve", "show", "tasks"]
 PROMPT = "The quick brown fox"
 
 
@@ -19,6 +20,9 @@ def ok(result) -> str:
 
 
 def test_help_lists_every_command(home):
+    from llmkit.cli import main
+
+    assert sorted(main.list_commands(None)) == COMMANDS  # a new command gets its help checked below
     out = ok(run_llmkit("--help", home=home))
     for command in COMMANDS:
         assert f"  {command} " in out, command

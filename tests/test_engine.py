@@ -216,7 +216,10 @@ def test_close_cancels_what_runs_and_ends_the_thread(tiny):
 
 
 def test_an_error_in_a_request_fails_it_not_the_engine(tiny):
+    seen = []
+
     def broken(generated, logits):
+        seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
         raise RuntimeError("processor exploded")
 
     engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length)
@@ -226,7 +229,8 @@ def test_an_error_in_a_request_fails_it_not_the_engine(tiny):
     good = engine.submit(Request(prompts(tiny)[1], greedy(5)))
     list(good.events())
     assert good.tokens == alone(tiny, prompts(tiny)[1], greedy(5))
-    assert torch.is_inference_mode_enabled() is False
+    assert seen == [("llmkit-engine", True)]  # processors run on the engine's thread, in inference mode
+    assert not torch.is_inference_mode_enabled()  # and the caller's thread is left as it was
 
 
 def test_packed_bfloat16_linears_equal_plain_ones_and_leave_the_model_alone(tiny_model_dir):
