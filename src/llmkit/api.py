@@ -58,7 +58,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          quantize: str | None = None, executor: str = "auto", max_batch: int = 16,
-         pull: bool = True, progress: bool = True) -> "LLM":
+         prefix_cache: bool | int = True, pull: bool = True, progress: bool = True) -> "LLM":
     """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
@@ -74,6 +74,9 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     ``executor``: "torch" (or "auto") runs llmkit's own model; "llama.cpp" runs a GGUF file on
     llama.cpp (needs llama-cpp-python) with llmkit's engine, sampling and tokenizer on top.
     ``max_batch`` is how many requests the engine decodes together.
+    ``prefix_cache``: keep the keys and values of earlier prompts and answers so that a prompt
+    beginning the same way (a shared system prompt, a conversation's history) is not computed
+    again; True sizes it to the machine, an int is its bound in bytes, False turns it off.
     """
     if executor not in EXECUTORS:
         raise LLMKitError(f"executor={executor!r} is not available; choose one of {', '.join(EXECUTORS)}")
@@ -116,7 +119,7 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
                                                        quantized=ckpt.quantized))
         # llmkit's float model is read only if something needs it (logits, saving, training)
         return LLM(None, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
-                   config=config, executor=runner, read_model=lambda: read().model)
+                   config=config, executor=runner, read_model=lambda: read().model, prefix_cache=prefix_cache)
     if quantize in BLOCK_KINDS:
         from llmkit.engine.executor import TorchExecutor
 
@@ -126,10 +129,10 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
         runner = in_fresh_thread(lambda: TorchExecutor(ckpt.model, max_batch, ckpt.config.max_position_embeddings,
                                                        quantize=quantize))
         return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
-                   quantize=quantize, executor=runner)
+                   quantize=quantize, executor=runner, prefix_cache=prefix_cache)
     ckpt = read()
     return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
-               max_batch=max_batch, quantize=quantize)
+               max_batch=max_batch, quantize=quantize, prefix_cache=prefix_cache)
 
 
 def _keeps_blocks(path: Path, device: torch.device, dtype, quantize: str | None) -> bool:
@@ -170,7 +173,7 @@ class LLM(TaskMixin):
 
     def __init__(self, model: torch.nn.Module | None, tokenizer, *, name: str = "", path: Path | None = None,
                  format: str = "", max_batch: int = 16, quantize: str | None = None, config=None,
-                 executor=None, read_model=None):
+                 executor=None, read_model=None, prefix_cache: bool | int = False):
         self._model = model
         self._read_model = read_model
         self.tokenizer = tokenizer
@@ -180,8 +183,13 @@ class LLM(TaskMixin):
         self.format = format
         self.quantize = quantize
         self.executor_name = getattr(executor, "name", "torch")
+        cache = None
+        if prefix_cache:
+            from llmkit.engine.prefix_cache import PrefixCache, default_budget
+
+            cache = PrefixCache(default_budget() if prefix_cache is True else int(prefix_cache))
         self.engine = Engine(executor if executor is not None else model, tokenizer,
-                             self.config.max_position_embeddings, max_batch=max_batch)
+                             self.config.max_position_embeddings, max_batch=max_batch, prefix_cache=cache)
         self.context_length = self.engine.context_length
 
     @property

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from llmkit.engine.executor import Executor, TorchExecutor
+from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
@@ -59,6 +60,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    adapter: str | None = None  # the LoRA adapter that runs this request (None: the base model)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Handle:
         self.finish_reason: str | None = None
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
         self._engine = engine
         self._on_event = on_event
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -147,8 +150,11 @@ class _Live:
 
 class Engine:
     def __init__(self, model: "torch.nn.Module | Executor", tokenizer, context_length: int, *,
-                 max_batch: int = 16, max_queue: int | None = None, prefill_chunk: int | None = None):
-        """``model``: llmkit's Transformer (run by a TorchExecutor) or any Executor."""
+                 max_batch: int = 16, max_queue: int | None = None, prefill_chunk: int | None = None,
+                 prefix_cache: "PrefixCache | None" = None):
+        """``model``: llmkit's Transformer (run by a TorchExecutor) or any Executor.
+        ``prefix_cache``: keys and values of earlier prompts to reuse (executors that can copy
+        them in and out of their cache slots: ``read_kv``/``write_kv``)."""
         self.executor = TorchExecutor(model, max_batch, context_length) if isinstance(model, torch.nn.Module) \
             else model
         self.tokenizer = tokenizer
@@ -157,6 +163,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
+        can_copy = hasattr(self.executor, "read_kv") and hasattr(self.executor, "write_kv")
+        self.prefix_cache = prefix_cache if can_copy else None
         self._waiting: deque[_Live] = deque()
         self._running: list[_Live] = []  # admitted: prefilling or decoding
         self._free_slots: list[int] = list(range(max_batch))
@@ -346,6 +354,7 @@ class Engine:
             s.prefilled += len(ids)
             if s.prefilled == len(s.request.prompt_ids):
                 self.prompt_tokens_total += s.prefilled
+                self._keep_prefix(s)
                 self._advance(s, logits)
         # plain greedy rows (the common case of a benchmark or a tool call): one argmax for all
         picks = [s.sampler.plain_greedy and not s.request.params.logits_processors for s in decoding]
@@ -392,7 +401,31 @@ class Engine:
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
                 self._fit()
+                self._reuse_prefix(live)
         self._running.sort(key=lambda s: s.slot)
+
+    def _reuse_prefix(self, live: _Live) -> None:
+        """Copy the cached keys and values of the longest cached beginning of the prompt into the
+        request's slot; prefill starts after them. The last prompt token is always computed:
+        its logits pick the first new token."""
+        if self.prefix_cache is None:
+            return
+        ids = live.request.prompt_ids
+        blocks = self.prefix_cache.match(ids, len(ids) - 1, live.request.adapter)
+        if blocks:
+            n = self.prefix_cache.block
+            self.executor.write_kv(live.slot, 0, torch.cat([b.k for b in blocks], dim=2),
+                                   torch.cat([b.v for b in blocks], dim=2))
+            live.prefilled = live.handle.cached_tokens = n * len(blocks)
+
+    def _keep_prefix(self, live: _Live) -> None:
+        """Offer the request's computed keys and values (prompt and answer so far) to the cache."""
+        if self.prefix_cache is None:
+            return
+        # written so far: the prompt, and every generated token but the newest (it goes in next step)
+        tokens = (live.request.prompt_ids + live.generated)[: live.prefilled + max(len(live.generated) - 1, 0)]
+        slot = live.slot
+        self.prefix_cache.insert(tokens, lambda a, b: self.executor.read_kv(slot, a, b), live.request.adapter)
 
     @staticmethod
     def _need(lives) -> int:
@@ -405,6 +438,11 @@ class Engine:
 
     def _finish(self, live: _Live, event: Event) -> None:
         if live in self._running:
+            if event.finish_reason in ("stop", "length") and self.prefix_cache is not None:
+                try:  # the answer too: a conversation's next turn begins with it
+                    self._keep_prefix(live)
+                except Exception:
+                    log.exception("keeping request %d's prefix failed", live.handle.id)
             self._running.remove(live)
             self.executor.release(live.slot)
             # let the cache shrink back once long requests are gone: every decode step pays for its length

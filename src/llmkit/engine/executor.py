@@ -228,3 +228,14 @@ class TorchExecutor:
 
     def release(self, slot: int) -> None:
         pass  # stale entries are masked: positions past a request's own are never read
+
+    def read_kv(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions start..end-1 of a slot: (layers, Hk, end - start, D) views."""
+        return self.cache.k[:, slot, :, start:end], self.cache.v[:, slot, :, start:end]
+
+    def write_kv(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put keys and values (layers, Hk, n, D) at positions start.. of a slot (the cache was
+        sized for the request already)."""
+        n = k.shape[2]
+        self.cache.k[:, slot, :, start : start + n] = k
+        self.cache.v[:, slot, :, start : start + n] = v

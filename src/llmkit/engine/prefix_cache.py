@@ -1,0 +1,123 @@
+"""Keys and values of token prefixes, kept across requests so that a prompt that begins like an
+earlier one (the same system prompt, the history of a conversation) is not computed again.
+
+Prompts are cut into blocks of ``block`` tokens. A block is keyed by a hash of everything before
+it and its own tokens (and the adapter that computed it), so a key names one whole prefix; its
+entry holds that block's keys and values for every layer. A new request copies the longest run
+of cached blocks into its own cache slot and prefills only the rest. Entries are copies: evicting
+one never touches a running request. The least recently used entries go first once the cache
+holds more than ``budget_bytes``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+BLOCK = 32  # tokens per block: small enough that a conversation's new turn loses little
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[int, ...]  # the block's own tokens, checked on a hit (hashes can collide)
+    parent: int | None
+    k: torch.Tensor  # (layers, Hk, block, D)
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int, block: int = BLOCK):
+        self.budget = budget_bytes
+        self.block = block
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._lock = threading.Lock()  # the engine thread writes; metrics read from others
+        self.bytes = 0
+        self.queries = 0  # prompts looked up
+        self.hits = 0  # prompts that reused at least one block
+        self.tokens_reused = 0
+        self.tokens_queried = 0
+
+    def _keys(self, tokens: Sequence[int], adapter: str | None) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        """(key, parent key, block tokens) for each whole block of ``tokens``."""
+        out, parent = [], hash(("llmkit-prefix", adapter))
+        for start in range(0, len(tokens) - self.block + 1, self.block):
+            chunk = tuple(tokens[start : start + self.block])
+            key = hash((parent, chunk))
+            out.append((key, parent, chunk))
+            parent = key
+        return out
+
+    def match(self, tokens: Sequence[int], limit: int, adapter: str | None = None) -> list[_Entry]:
+        """The cached blocks that begin ``tokens``, covering at most ``limit`` tokens, longest first
+        run; they become the most recently used."""
+        found = []
+        with self._lock:
+            self.queries += 1
+            self.tokens_queried += len(tokens)
+            for key, parent, chunk in self._keys(tokens[:limit], adapter):
+                entry = self._entries.get(key)
+                if entry is None or entry.tokens != chunk or entry.parent != parent:
+                    break
+                found.append((key, entry))
+            for key, _ in reversed(found):  # a prefix stays more recent than what extends it:
+                self._entries.move_to_end(key)  # eviction takes the ends of chains first
+            if found:
+                self.hits += 1
+                self.tokens_reused += len(found) * self.block
+        return [entry for _, entry in found]
+
+    def insert(self, tokens: Sequence[int], read: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+               adapter: str | None = None) -> None:
+        """Keep the whole blocks of ``tokens`` not cached yet; ``read(start, end)`` gives their
+        keys and values (layers, Hk, end - start, D) from the cache slot that computed them."""
+        keys = self._keys(tokens, adapter)
+        with self._lock:
+            missing = [(i, k, p, c) for i, (k, p, c) in enumerate(keys) if k not in self._entries]
+        if not missing:
+            return
+        first = missing[0][0] * self.block
+        k_all, v_all = read(first, len(keys) * self.block)
+        with self._lock:
+            for i, key, parent, chunk in missing:
+                at = i * self.block - first
+                entry = _Entry(chunk, parent, k_all[:, :, at : at + self.block].clone(),
+                               v_all[:, :, at : at + self.block].clone())
+                if entry.nbytes > self.budget:
+                    return
+                old = self._entries.pop(key, None)
+                if old is not None:
+                    self.bytes -= old.nbytes
+                self._entries[key] = entry
+                self.bytes += entry.nbytes
+            for key, _, _ in reversed(keys):
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+            while self.bytes > self.budget and self._entries:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def default_budget() -> int:
+    """A tenth of the memory available now, between 64 MiB and 2 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = 4 << 30
+    return max(64 << 20, min(2 << 30, available // 10))
