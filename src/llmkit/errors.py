@@ -40,12 +40,17 @@ class DataError(LLMKitError, ValueError):
 
 
 def read_jsonl(path) -> "Iterator[tuple[int, dict]]":
-    """(line number, object) for each non-empty line of a JSONL file; a malformed line raises
-    DataError naming the file and the line."""
+    """(line number, object) for each non-empty line of a JSONL file; a malformed line (not UTF-8,
+    not JSON, not an object) raises DataError naming the file and the line."""
     import json
 
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:

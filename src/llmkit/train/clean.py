@@ -7,52 +7,18 @@ import hashlib
 import re
 import unicodedata
 import zlib
-from html.parser import HTMLParser
 
 import numpy as np
 
 # ------------------------------------------------------------------ HTML
 
-_DROP = {"script", "style", "nav", "header", "footer", "aside", "noscript", "template", "svg", "form",
-         "head", "iframe", "button", "menu"}
-_BLOCK = {"p", "div", "section", "article", "main", "br", "li", "ul", "ol", "table", "tr", "h1", "h2", "h3",
-          "h4", "h5", "h6", "pre", "blockquote", "dd", "dt", "dl", "hr", "figure", "figcaption", "td", "th"}
-_VOID = {"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "embed", "source", "track", "wbr"}
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.dropping = 0  # depth inside dropped elements
-
-    def handle_starttag(self, tag, attrs):
-        if tag in _DROP:
-            if tag not in _VOID:
-                self.dropping += 1
-        elif tag in _BLOCK and not self.dropping:
-            self.parts.append("\n\n" if tag != "br" else "\n")
-
-    def handle_endtag(self, tag):
-        if tag in _DROP:
-            self.dropping = max(0, self.dropping - 1)
-        elif tag in _BLOCK and not self.dropping:
-            self.parts.append("\n\n")
-
-    def handle_data(self, data):
-        if not self.dropping:
-            self.parts.append(data)
-
 
 def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: scripts, styles and navigation dropped, paragraph breaks kept."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    # inside a paragraph, source line breaks are just spaces
-    text = "".join(parser.parts)
-    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-    return "\n\n".join(p for p in paragraphs if p)
+    """The main content of an HTML page as text (see ``llmkit.train.extract``): the built-in
+    ``html`` step of ``llmkit prepare``, which a plugin may replace."""
+    from llmkit.train.extract import html_to_text as extract
+
+    return extract(html)
 
 
 # ------------------------------------------------------------------ normalisation
@@ -63,15 +29,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\ud800-\udfff]
 
 def normalize(text: str) -> str:
     """NFC normalisation, control characters removed, line endings unified, trailing spaces
-    stripped, runs of blank lines collapsed to one. Leading indentation is kept (code)."""
+    stripped, runs of blank lines collapsed to one. Spaces and tabs inside a line are kept as they
+    are: in code they are meaning (indentation, alignment, a Makefile's tabs), and the extractor
+    has already collapsed the layout whitespace of prose."""
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    text = text.replace("\t", "    ")
-    lines = [re.sub(r"(?<=\S) {2,}", " ", line.rstrip()) for line in text.split("\n")]
-    text = "\n".join(lines)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
     text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
+    return text.strip("\n").rstrip()
 
 
 # ------------------------------------------------------------------ duplicates
@@ -108,16 +74,29 @@ class NearDuplicates:
         hashed = (h[:, None] * self.a[None, :] + self.b[None, :]) & np.uint64(0xFFFFFFFF)
         return hashed.min(axis=0).astype(np.uint32)
 
+    def _keys(self, sig: np.ndarray) -> list[bytes]:
+        return [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+
+    def match(self, sig: np.ndarray) -> int | None:
+        """The index of a remembered document that ``sig`` nearly duplicates, or None."""
+        for band, key in enumerate(self._keys(sig)):
+            other = self.buckets[band].get(key)
+            if other is not None and float(np.mean(self.signatures[other] == sig)) >= self.threshold:
+                return other
+        return None
+
+    def add(self, sig: np.ndarray) -> int:
+        """Remember a document by its signature; return its index."""
+        index = len(self.signatures)
+        self.signatures.append(sig)
+        for band, key in enumerate(self._keys(sig)):
+            self.buckets[band].setdefault(key, index)
+        return index
+
     def seen(self, text: str) -> bool:
         """True if ``text`` nearly duplicates a document kept before; else remember it, False."""
         sig = self.signature(text)
-        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
-        for band, key in enumerate(keys):
-            other = self.buckets[band].get(key)
-            if other is not None and float(np.mean(self.signatures[other] == sig)) >= self.threshold:
-                return True
-        index = len(self.signatures)
-        self.signatures.append(sig)
-        for band, key in enumerate(keys):
-            self.buckets[band].setdefault(key, index)
+        if self.match(sig) is not None:
+            return True
+        self.add(sig)
         return False

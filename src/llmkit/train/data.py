@@ -1,10 +1,11 @@
 """``llmkit prepare``: raw files -> clean documents -> token ids packed in binary shards.
 
-Two streaming passes, so memory does not grow with the corpus (beyond one hash per document for
-deduplication): pass 1 reads, cleans (normalisation, then the cleaners plugins register through
-``register_cleaners``), filters and deduplicates into a temporary JSONL file (and trains a
-tokenizer from it when asked); pass 2 tokenizes that file into shards. Everything is
-written into a temporary folder renamed into place at the end: a failure writes nothing.
+Cleaning (``llmkit.train.pipeline``) works file by file, in this process or on Ray, into a cache of
+finished parts beside ``out`` (so an interrupted run resumes where it stopped), then removes exact
+and near duplicates across all files into a temporary JSONL file; a new tokenizer is trained from
+that file when asked, and a second pass tokenizes it into shards. Memory does not grow with the
+corpus beyond one hash and one MinHash signature per kept document. Everything is written into a
+temporary folder renamed into place at the end: a failure writes nothing.
 
 Layout of the output folder::
 
@@ -16,76 +17,32 @@ Layout of the output folder::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from llmkit.errors import read_jsonl  # shared with evaluation
+from llmkit.errors import read_jsonl  # noqa: F401  (shared with evaluation and fine-tuning)
 from llmkit.fsutil import atomic_dir
-from llmkit.train.clean import NearDuplicates, exact_key, html_to_text, normalize
+from llmkit.train import clean, extract
+from llmkit.train.clean import NearDuplicates
 from llmkit.train.errors import DataError
+from llmkit.train.filters import LanguageSettings, QualitySettings
+from llmkit.train.pipeline import (CleanerCounts, Parts, Report, Settings, default_steps,  # noqa: F401
+                                   deduplicate, describe, run_cleaners, run_stage1)
+from llmkit.train.read import Source, find_sources
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
-HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 ENDOFTEXT = "<|endoftext|>"
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-# ------------------------------------------------------------------ reading
-
-def _files(inputs: Iterable[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    known = TEXT_SUFFIXES | HTML_SUFFIXES | JSONL_SUFFIXES
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
-            if not found:
-                raise DataError(f"{path}: no .txt, .md, .html or .jsonl files in this folder")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"{path} does not exist")
-    return files
-
-
-def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
-    for number, row in read_jsonl(path):
-        if isinstance(row.get("text"), str):
-            yield f"{path}:{number}", row["text"]
-        elif isinstance(row.get("messages"), list):
-            try:
-                text = "\n\n".join(str(m["content"]) for m in row["messages"] if m.get("content"))
-            except (TypeError, KeyError, AttributeError):
-                raise DataError(f"{path}:{number}: 'messages' must be a list of {{role, content}} objects") from None
-            yield f"{path}:{number}", text
-        else:
-            raise DataError(f"{path}:{number}: no 'text' string or 'messages' list (keys: {sorted(row)})")
-
-
-def read_documents(files: list[Path], html: Callable[[str], str | None] = html_to_text) -> Iterator[tuple[str, str]]:
-    """(source, raw text) for every document in the given files; ``html`` turns a page into text."""
-    for path in files:
-        suffix = path.suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            yield from _jsonl_documents(path)
-            continue
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
-        yield str(path), (html(text) or "") if suffix in HTML_SUFFIXES else text
 
 
 def sha256_file(path: Path) -> str:
@@ -94,84 +51,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------ cleaning report
-
-@dataclass
-class CleanerCounts:
-    """What one plugin cleaner did: documents it changed (and the characters that removed), and
-    documents it dropped (and their characters)."""
-
-    changed: int = 0
-    removed_chars: int = 0
-    dropped: int = 0
-    dropped_chars: int = 0
-
-
-@dataclass
-class Report:
-    """Documents and characters seen, and dropped at each step."""
-
-    read_docs: int = 0
-    read_chars: int = 0
-    dropped: dict[str, list[int]] = field(default_factory=lambda: {
-        "empty": [0, 0], "too_short": [0, 0], "exact_duplicate": [0, 0], "near_duplicate": [0, 0]})
-    kept_docs: int = 0
-    kept_chars: int = 0
-    normalization_removed_chars: int = 0
-    cleaners: dict[str, CleanerCounts] = field(default_factory=dict)  # the plugins', by name
-
-    def drop(self, reason: str, chars: int) -> None:
-        self.dropped[reason][0] += 1
-        self.dropped[reason][1] += chars
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "read": {"documents": self.read_docs, "characters": self.read_chars},
-            "normalization_removed_characters": self.normalization_removed_chars,
-            "cleaners": {name: {"changed": {"documents": c.changed, "characters_removed": c.removed_chars},
-                                "dropped": {"documents": c.dropped, "characters": c.dropped_chars}}
-                         for name, c in self.cleaners.items()},
-            "dropped": {k: {"documents": d, "characters": c} for k, (d, c) in self.dropped.items()},
-            "kept": {"documents": self.kept_docs, "characters": self.kept_chars},
-        }
-
-    def lines(self) -> list[str]:
-        out = [f"read        {self.read_docs:>9,} documents {self.read_chars:>13,} characters"]
-        out.append(f"normalized  {'':>9} {'':>9} {-self.normalization_removed_chars:>13,} characters")
-        for name, c in self.cleaners.items():
-            out.append(f"{name:<16}{-c.dropped:>5,} documents {-(c.removed_chars + c.dropped_chars):>13,} characters "
-                       f"({c.changed:,} documents changed)")
-        for k, (d, c) in self.dropped.items():
-            out.append(f"{k:<16}{-d:>5,} documents {-c:>13,} characters")
-        out.append(f"kept        {self.kept_docs:>9,} documents {self.kept_chars:>13,} characters")
-        return out
-
-
-# ------------------------------------------------------------------ plugin cleaners
-
-def run_cleaners(cleaners: dict[str, Callable[[str], str | None]], text: str, source: str,
-                 report: Report) -> str | None:
-    """``text`` through each plugin cleaner in turn; None as soon as one drops it."""
-    for name, step in cleaners.items():
-        try:
-            out = step(text)
-        except Exception as exc:  # a plugin's bug: say whose, and on which document
-            raise DataError(f"{source}: cleaner {name!r} failed: {type(exc).__name__}: {exc}") from exc
-        counts = report.cleaners[name]
-        if out is None:
-            counts.dropped += 1
-            counts.dropped_chars += len(text)
-            return None
-        if not isinstance(out, str):
-            raise DataError(f"cleaner {name!r} returned {type(out).__name__}: a cleaner returns the cleaned text, "
-                            "or None to drop the document")
-        if out != text:
-            counts.changed += 1
-            counts.removed_chars += len(text) - len(out)
-        text = out
-    return text
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -263,85 +142,84 @@ class _ShardWriter:
 def prepare(inputs: Iterable[str | Path] = (), out: str | Path = "data", *, tokenizer: str | Path | None = None,
             vocab_size: int = 8192, val_fraction: float = 0.05, min_chars: int = 64,
             near_duplicates: float | None = 0.8, demo: bool = False, shard_tokens: int = 100_000_000,
-            progress: bool = True, log=print) -> dict[str, Any]:
-    """Clean, deduplicate, tokenize and pack documents into ``out``; return the metadata written.
+            html_format: str = "text", text_field: str = "text", lang: Sequence[str] | str | None = ("en",),
+            lang_threshold: float = 0.65, quality: bool | QualitySettings = True, pii: bool = True,
+            use_ray: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
+    """Clean, filter, deduplicate, tokenize and pack documents into ``out``; return the metadata written.
 
     tokenizer: a model (folder or name) whose tokenizer to use; None trains a byte-level BPE of
     ``vocab_size``. near_duplicates: MinHash similarity threshold, None to keep near duplicates.
     demo: add the embedded corpus (the Python standard library's docstrings and documentation).
+    html_format: "text" or "markdown" for web pages. text_field: the JSONL field or Parquet column.
+    lang: languages to keep (fastText codes: "en", "fr", ...), None or "any" to keep every language;
+    lang_threshold: the lowest probability kept. quality: the Gopher and C4 rules (False: off; a
+    ``QualitySettings`` to change thresholds). pii: replace e-mail addresses, IP addresses and
+    phone numbers. use_ray: clean the files on Ray (a local instance, or the cluster RAY_ADDRESS names).
     """
     from tqdm import tqdm
 
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    files = _files(inputs)
-    if not files and not demo:
+    if html_format not in extract.FORMATS:
+        raise DataError(f"--html-format must be one of {', '.join(extract.FORMATS)}, got {html_format!r}")
+    if not 0 <= lang_threshold <= 1:
+        raise DataError(f"--lang-threshold must be in [0, 1], got {lang_threshold}")
+    sources = find_sources(inputs)
+    if not sources and not demo:
         raise DataError("no input: give files or folders to prepare, or --demo for the built-in corpus")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
         raise DataError(f"{out} exists and is not a prepared data folder: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(lang, str):
+        lang = None if lang.strip().lower() in ("any", "all", "") else [c.strip() for c in lang.split(",") if c.strip()]
+    language = LanguageSettings(tuple(lang), lang_threshold) if lang else None
+    quality_settings = quality if isinstance(quality, QualitySettings) else (QualitySettings() if quality else None)
+
+    html, norm, cleaners = default_steps()
+    if html is clean.html_to_text:  # the built-in extractor, in the format asked for
+        html = functools.partial(extract.html_to_text, format=html_format)
+    near = NearDuplicates(threshold=near_duplicates) if near_duplicates else None
+    settings = Settings(html=html, normalize=norm, cleaners=cleaners, text_field=text_field, min_chars=min_chars,
+                        language=language, quality=quality_settings, pii=pii, near=near)
+    settings.describe = describe(html_format, text_field, min_chars, language, quality_settings, pii, near,
+                                 html, norm, cleaners)
+
+    files = [{"path": s.path, "sha256": sha256_file(Path(s.path)), "bytes": os.path.getsize(s.path)} for s in sources]
+    keys = [settings.key(f"{f['path']}:{f['sha256']}") for f in files]
+    if demo:
+        from llmkit.train.demo import stdlib_root
+
+        sources.append(Source("demo", "demo"))
+        files.append({"path": f"demo: Python {sys.version.split()[0]} standard library at {stdlib_root()}"})
+        keys.append(settings.key(files[-1]["path"]))
+    parts = Parts(out.parent / f".{out.name}.parts")
+    resumed = run_stage1(sources, keys, settings, parts, use_ray=use_ray, progress=progress, tqdm=tqdm)
+    if resumed:
+        log(f"resumed: {resumed} of {len(sources)} files were already cleaned (in {parts.folder})")
     with atomic_dir(out) as tmp:
-        meta = _prepare(files, tmp, tokenizer, vocab_size, val_fraction, min_chars, near_duplicates, demo,
-                        shard_tokens, progress, log, tqdm)
+        meta = _prepare(keys, parts, files, settings, tmp, tokenizer, vocab_size, val_fraction, shard_tokens,
+                        progress, log, tqdm)
+    parts.remove()
     return meta
 
 
-def _prepare(files, tmp: Path, tokenizer_name, vocab_size, val_fraction, min_chars, near_threshold, demo,
+def _prepare(keys, parts: Parts, sources, settings: Settings, tmp: Path, tokenizer_name, vocab_size, val_fraction,
              shard_tokens, progress, log, tqdm) -> dict[str, Any]:
-    from llmkit.plugins import registry
-
-    # "html" and "normalize" are prepare's own steps (a plugin may replace them by name); every other
-    # registered cleaner runs after normalisation, before the length and duplicate filters
-    cleaners = dict(registry("cleaners"))
-    html, norm = cleaners.pop("html", html_to_text), cleaners.pop("normalize", normalize)
-    sources = [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files]
-    documents: Iterable[tuple[str, str]] = read_documents(files, html)
-    if demo:
-        from itertools import chain
-
-        from llmkit.train.demo import stdlib_documents, stdlib_root
-
-        import sys
-
-        sources.append({"path": f"demo: Python {sys.version.split()[0]} standard library at {stdlib_root()}"})
-        documents = chain(documents, stdlib_documents())
-
-    # pass 1: clean (normalize, then the plugins' cleaners), filter, deduplicate -> clean.jsonl
-    report = Report(cleaners={name: CleanerCounts() for name in cleaners})
-    exact: set[bytes] = set()
-    near = NearDuplicates(threshold=near_threshold) if near_threshold else None
+    # stage 2: exact and near duplicates across every file -> clean.jsonl
+    report = Report(cleaners={name: CleanerCounts() for name in settings.cleaners})
+    report.settings = settings.describe
     clean_path = tmp / "clean.jsonl"
     with open(clean_path, "w", encoding="utf-8") as f:
-        for source, raw in tqdm(documents, desc="cleaning", unit=" docs", disable=not progress):
-            report.read_docs += 1
-            report.read_chars += len(raw)
-            text = norm(raw) or ""
-            report.normalization_removed_chars += len(raw) - len(text)
-            text = run_cleaners(cleaners, text, source, report) if text else text
-            if text is None:
-                continue
-            if not text:
-                report.drop("empty", 0)
-                continue
-            if len(text) < min_chars:
-                report.drop("too_short", len(text))
-                continue
-            key = exact_key(text)
-            if key in exact:
-                report.drop("exact_duplicate", len(text))
-                continue
-            exact.add(key)
-            if near is not None and near.seen(text):
-                report.drop("near_duplicate", len(text))
-                continue
-            report.kept_docs += 1
-            report.kept_chars += len(text)
+        for text in tqdm(deduplicate(keys, parts, report, settings.near), desc="deduplicating", unit=" docs",
+                         disable=not progress):
             f.write(json.dumps(text, ensure_ascii=False) + "\n")
-    del exact, near
     if report.kept_docs == 0:
-        raise DataError(f"no documents left after cleaning ({report.read_docs} read; "
-                        f"minimum length {min_chars} characters): give more text or lower --min-chars")
+        for line in report.lines():
+            log(line)
+        raise DataError(f"no documents left after cleaning ({report.read_docs} read, {len(report.skipped)} files "
+                        f"skipped; the report above says what removed them): give more text, or loosen the "
+                        "filters (--min-chars, --lang, --no-quality)")
     total = report.kept_docs
 
     def clean_texts(split: str | None = None) -> Iterator[str]:
