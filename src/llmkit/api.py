@@ -58,7 +58,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          quantize: str | None = None, executor: str = "auto", max_batch: int = 16,
-         prefix_cache: bool | int = True, pull: bool = True, progress: bool = True) -> "LLM":
+         prefix_cache: bool | int = True, speculative: bool = True, pull: bool = True,
+         progress: bool = True) -> "LLM":
     """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
@@ -77,6 +78,9 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     ``prefix_cache``: keep the keys and values of earlier prompts and answers so that a prompt
     beginning the same way (a shared system prompt, a conversation's history) is not computed
     again; True sizes it to the machine, an int is its bound in bytes, False turns it off.
+    ``speculative``: speculative decoding by prompt lookup while few requests decode (the text is
+    the same, or for sampling has the same distribution); ``speculative=False`` on a call or here
+    turns it off.
     """
     if executor not in EXECUTORS:
         raise LLMKitError(f"executor={executor!r} is not available; choose one of {', '.join(EXECUTORS)}")
@@ -119,7 +123,8 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
                                                        quantized=ckpt.quantized))
         # llmkit's float model is read only if something needs it (logits, saving, training)
         return LLM(None, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
-                   config=config, executor=runner, read_model=lambda: read().model, prefix_cache=prefix_cache)
+                   config=config, executor=runner, read_model=lambda: read().model, prefix_cache=prefix_cache,
+                   speculative=speculative)
     if quantize in BLOCK_KINDS:
         from llmkit.engine.executor import TorchExecutor
 
@@ -129,10 +134,10 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
         runner = in_fresh_thread(lambda: TorchExecutor(ckpt.model, max_batch, ckpt.config.max_position_embeddings,
                                                        quantize=quantize))
         return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format, max_batch=max_batch,
-                   quantize=quantize, executor=runner, prefix_cache=prefix_cache)
+                   quantize=quantize, executor=runner, prefix_cache=prefix_cache, speculative=speculative)
     ckpt = read()
     return LLM(ckpt.model, ckpt.tokenizer, name=name, path=ckpt.path, format=ckpt.format,
-               max_batch=max_batch, quantize=quantize, prefix_cache=prefix_cache)
+               max_batch=max_batch, quantize=quantize, prefix_cache=prefix_cache, speculative=speculative)
 
 
 def _keeps_blocks(path: Path, device: torch.device, dtype, quantize: str | None) -> bool:
@@ -173,7 +178,7 @@ class LLM(TaskMixin):
 
     def __init__(self, model: torch.nn.Module | None, tokenizer, *, name: str = "", path: Path | None = None,
                  format: str = "", max_batch: int = 16, quantize: str | None = None, config=None,
-                 executor=None, read_model=None, prefix_cache: bool | int = False):
+                 executor=None, read_model=None, prefix_cache: bool | int = False, speculative: bool = True):
         self._model = model
         self._read_model = read_model
         self.tokenizer = tokenizer
@@ -189,7 +194,8 @@ class LLM(TaskMixin):
 
             cache = PrefixCache(default_budget() if prefix_cache is True else int(prefix_cache))
         self.engine = Engine(executor if executor is not None else model, tokenizer,
-                             self.config.max_position_embeddings, max_batch=max_batch, prefix_cache=cache)
+                             self.config.max_position_embeddings, max_batch=max_batch, prefix_cache=cache,
+                             speculative=speculative)
         self.context_length = self.engine.context_length
 
     @property
@@ -208,15 +214,16 @@ class LLM(TaskMixin):
     # ------------------------------------------------------------------ the one door into the engine
 
     def requests(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, n: int = 1,
-                 logprobs: int | None = None) -> list[Request]:
+                 logprobs: int | None = None, speculative: bool = True) -> list[Request]:
         """One engine Request per choice: ``n`` per prompt, choice index = prompt index * n + j.
-        With ``params.seed`` set, choice i gets seed + i: distinct but reproducible streams."""
+        With ``params.seed`` set, choice i gets seed + i: distinct but reproducible streams.
+        ``speculative=False``: never speculate for these (the engine's own switch still rules)."""
         out = []
         for i, ids in enumerate(prompts):
             for j in range(n):
                 k = i * n + j
                 p = params if params.seed is None or k == 0 else params.replace(seed=(params.seed + k) % 2**64)
-                out.append(Request(list(ids), p, logprobs=logprobs))
+                out.append(Request(list(ids), p, logprobs=logprobs, speculative=speculative))
         return out
 
     def check(self, request: Request) -> None:
@@ -246,13 +253,15 @@ class LLM(TaskMixin):
 
     def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
         """Complete one prompt (-> str) or several together (-> list[str])."""
+        spec = sampling.pop("speculative", True)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = self._texts([self._prompt_ids(p) for p in prompts], SamplingParams(**sampling))
+        texts = self._texts([self._prompt_ids(p) for p in prompts], SamplingParams(**sampling), spec)
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece, as it is generated."""
-        return self._stream_ids(self._prompt_ids(prompt), SamplingParams(**sampling))
+        spec = sampling.pop("speculative", True)
+        return self._stream_ids(self._prompt_ids(prompt), SamplingParams(**sampling), spec)
 
     def chat(self, messages: Messages, **sampling: Any) -> str:
         """The assistant's answer to a conversation, rendered with the model's chat template."""
@@ -260,23 +269,25 @@ class LLM(TaskMixin):
 
     def chat_stream(self, messages: Messages, **sampling: Any) -> Iterator[str]:
         """Like ``chat``, piece by piece."""
+        spec = sampling.pop("speculative", True)
         prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-        return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling))
+        return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling), spec)
 
     def generate_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> list[int]:
         """Generate from token ids; return the new token ids (end-of-sequence included if hit)."""
-        requests = self.requests([prompt_ids], SamplingParams(**sampling))
+        spec = sampling.pop("speculative", True)
+        requests = self.requests([prompt_ids], SamplingParams(**sampling), speculative=spec)
         return [e.token for e in self.run(requests) if e.token is not None]
 
-    def _texts(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+    def _texts(self, prompts: list[list[int]], params: SamplingParams, speculative: bool = True) -> list[str]:
         pieces: list[list[str]] = [[] for _ in prompts]
-        for event in self.run(self.requests(prompts, params)):
+        for event in self.run(self.requests(prompts, params, speculative=speculative)):
             pieces[event.index].append(event.text)
         return ["".join(p) for p in pieces]
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def _stream_ids(self, ids: list[int], params: SamplingParams, speculative: bool = True) -> Iterator[str]:
         # check now, not at the first next(): errors belong to the call that caused them
-        (request,) = self.requests([ids], params)
+        (request,) = self.requests([ids], params, speculative=speculative)
         self.check(request)
 
         def pieces() -> Iterator[str]:

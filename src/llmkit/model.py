@@ -1,4 +1,5 @@
-"""The transformer: one readable nn.Module for the Llama family and GPT-2, switched by config fields.
+"""The transformer: one readable nn.Module for the Llama family (Llama, Mistral, Qwen2/3, Phi-3),
+Gemma 3 and GPT-2, switched by config fields: each family's difference is a field and a small branch.
 
 Pure PyTorch: no file I/O, no transformers import. Checkpoint name maps live in ``llmkit.formats``.
 The heavy operations (linears, norms, embeddings, one-query attention) go through an ``Ops`` object:
@@ -11,7 +12,7 @@ Shapes in comments: B batch, T new tokens, L cached length, H heads, Hk kv heads
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: scales by (1 + weight), its weights stored around 0, and multiplies in
+    float32 before casting back (HF's order). A class of its own so that nothing mistakes it for
+    RMSNorm (an executor's fused rms_norm would scale by the weight alone)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class Ops:
     """How the model runs its heavy operations; this default is plain PyTorch.
 
@@ -103,11 +120,14 @@ class Ops:
 PLAIN = Ops()
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
     if config.norm == "rmsnorm":
-        return RMSNorm(config.hidden_size, config.norm_eps)
+        return RMSNorm(dim, config.norm_eps)
+    if config.norm == "offset_rmsnorm":
+        return OffsetRMSNorm(dim, config.norm_eps)
     if config.norm == "layernorm":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return nn.LayerNorm(dim, eps=config.norm_eps)
     raise ValueError(f"unknown norm {config.norm!r}")
 
 
@@ -119,14 +139,28 @@ _ACTIVATIONS = {
 }
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies for rotary embeddings, with the checkpoint's rope scaling applied."""
-    dim = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+def rope_kind(config: ModelConfig) -> str:
     scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in ("default", None):
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    return "longrope" if kind == "su" else kind  # "su": Phi-3's first name for it
+
+
+def rope_inv_freq(config: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with the checkpoint's rope scaling applied.
+    ``local``: those of the sliding-window layers where they have their own base (Gemma 3:
+    unscaled). ``long``: LongRoPE's factors for sequences past the original context."""
+    dim = config.rotary_dim
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = {} if local else (config.rope_scaling or {})
+    kind = "default" if local else rope_kind(config)
+    if kind == "default":
         pass
+    elif kind == "longrope":
+        # Phi-3 (LongRoPE, arXiv:2402.13753): a factor per frequency, the short set up to the
+        # original context and the long set past it
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
+        inv_freq = inv_freq / factors
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -141,8 +175,26 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         inv_freq = torch.where(mid, blended, inv_freq)
     else:
-        raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
+        raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear, llama3, longrope)")
     return inv_freq.float()
+
+
+def longrope_original_length(config: ModelConfig) -> int:
+    scaling = config.rope_scaling or {}
+    return int(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: 1, except LongRoPE's attention factor (given, or from
+    how far the context was extended)."""
+    if rope_kind(config) != "longrope":
+        return 1.0
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = longrope_original_length(config)
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
@@ -195,16 +247,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, hk * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(c, hk * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(h * d, c, bias=config.attention_out_bias)
+        if config.qk_norm:  # over each head's D values (Qwen3, Gemma 3)
+            self.q_norm = make_norm(config, d)
+            self.k_norm = make_norm(config, d)
         self.h, self.hk, self.d = h, hk, d
         self.rot = config.rotary_dim if config.position == "rope" else 0
+        # A scale other than 1/sqrt(D) (Gemma's query_pre_attn_scalar) is folded into q, so that
+        # every attention path (SDPA, the small-query path, executors' kernels) keeps its default.
+        scale = config.attention_scale
+        self.q_scale = None if scale is None or math.isclose(scale, d ** -0.5) else scale * math.sqrt(d)
 
-    def forward(self, x, rope, groups: list["Rows"], cache: KVCache | None, layer: int, ops: Ops):
-        """x (B, T, C) for one group of rows, or (1, N, C) for several (see Transformer.forward_many)."""
+    def project(self, x, rope, ops: Ops = PLAIN):
+        """q (B, T, H, D), k and v (B, T, Hk, D) for x (B, T, C): normed, scaled and rotated."""
         b, t, _ = x.shape
         q, k, v = ops.linear((self.q_proj, self.k_proj, self.v_proj), x)
         q, k, v = q.view(b, t, self.h, self.d), k.view(b, t, self.hk, self.d), v.view(b, t, self.hk, self.d)
+        if hasattr(self, "q_norm"):
+            q, k = ops.norm(self.q_norm, q), ops.norm(self.k_norm, k)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         if self.rot:  # q and k rotated together: half the small ops of one decode step
             q, k = apply_rope(torch.cat((q, k), dim=2), *rope, self.rot).split((self.h, self.hk), dim=2)
+        return q, k, v
+
+    def forward(self, x, rope, groups: list["Rows"], cache: KVCache | None, layer: int, ops: Ops):
+        """x (B, T, C) for one group of rows, or (1, N, C) for several (see Transformer.forward_many)."""
+        q, k, v = self.project(x, rope, ops)
         if len(groups) == 1:
             y = self._attend(q, k, v, groups[0], cache, layer, ops)
         else:  # each group's rows attend within their own sequences
@@ -260,10 +328,16 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
+        self.sandwich = config.sandwich_norm
+        if self.sandwich:  # Gemma 3: each sublayer's output is normed before the residual add
+            self.attn_out_norm = make_norm(config)
+            self.mlp_out_norm = make_norm(config)
 
     def forward(self, x, rope, groups, cache, layer, ops: Ops = PLAIN):
-        x = x + self.attn(ops.norm(self.attn_norm, x), rope, groups, cache, layer, ops)
-        return x + self.mlp(ops.norm(self.mlp_norm, x), ops)
+        h = self.attn(ops.norm(self.attn_norm, x), rope, groups, cache, layer, ops)
+        x = x + (ops.norm(self.attn_out_norm, h) if self.sandwich else h)
+        h = self.mlp(ops.norm(self.mlp_norm, x), ops)
+        return x + (ops.norm(self.mlp_out_norm, h) if self.sandwich else h)
 
 
 class Transformer(nn.Module):
@@ -281,6 +355,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Layers differ at most in how they attend: within the sliding window or not (Gemma 3's
+        # local and global layers, each kind with its own rope). One mask and rope table per kind.
+        self.layer_kinds = ["sliding" if config.is_sliding(i) else "full" for i in range(config.num_layers)]
+        self.kinds = sorted(set(self.layer_kinds))
         self.tie_weights()
         self.init_buffers()
 
@@ -296,6 +374,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            if isinstance(module, OffsetRMSNorm):  # scales by 1 + weight
+                nn.init.zeros_(module.weight)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -304,15 +384,33 @@ class Transformer(nn.Module):
 
     def init_buffers(self, device=None) -> None:
         """(Re)compute non-persistent buffers, e.g. after building on the meta device."""
-        if self.config.position == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(self.config).to(device), persistent=False)
+        c = self.config
+        if c.position == "rope":
+            self.rope_factor = rope_attention_factor(c)
+            self.register_buffer("inv_freq", rope_inv_freq(c).to(device), persistent=False)
+            if rope_kind(c) == "longrope":
+                self.register_buffer("inv_freq_long", rope_inv_freq(c, long=True).to(device), persistent=False)
+            if c.rope_local_theta is not None and "sliding" in self.kinds:
+                self.register_buffer("inv_freq_local", rope_inv_freq(c, local=True).to(device), persistent=False)
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for apply_rope at positions (B, T): (B, T, 1, D) whole-width when every head
-        dim rotates, else (B, T, 1, rot/2)."""
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, rot/2)
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype, kind: str = "full"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for apply_rope at positions (B, T) for the layers of ``kind``: (B, T, 1, D)
+        whole-width when every head dim rotates, else (B, T, 1, rot/2)."""
+        c = self.config
+        inv_freq, factor = self.inv_freq, self.rope_factor
+        if kind == "sliding" and c.rope_local_theta is not None:
+            inv_freq, factor = self.inv_freq_local, 1.0
+        elif hasattr(self, "inv_freq_long"):
+            # LongRoPE: the long factors for a sequence whose furthest position in this pass is past
+            # the original context (as transformers decides for one sequence), else the short ones
+            long = positions.amax(dim=-1, keepdim=True)[..., None] >= longrope_original_length(c)  # (B, 1, 1)
+            inv_freq = torch.where(long, self.inv_freq_long, self.inv_freq)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, rot/2)
         cos, sin = freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :]
-        if self.config.rotary_dim == self.config.head_dim:
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        if c.rotary_dim == c.head_dim:
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         return cos.to(dtype), sin.to(dtype)
 
@@ -333,51 +431,63 @@ class Transformer(nn.Module):
         return self.forward_many([(tokens, positions, slots)], cache, last_only)[0]
 
     def forward_many(self, batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-                     cache: KVCache | None = None, last_only: bool = False, ops: Ops = PLAIN) -> list[torch.Tensor]:
+                     cache: KVCache | None = None, last_only: bool | list[bool] = False,
+                     ops: Ops = PLAIN) -> list[torch.Tensor]:
         """Several batches, each (tokens (b, t), positions or None, slots or None) as ``forward``
         takes them, in one pass: the matmuls run once over all their rows (the weights are read
         once), attention per batch. How a prompt chunk (1, T) rides along with decode steps (B, 1).
-        Returns each batch's logits as ``forward`` would. ``ops``: how the heavy operations run
-        (see Ops; an executor passes its own)."""
-        groups, xs, ropes, start = [], [], [], 0
+        Returns each batch's logits as ``forward`` would; ``last_only`` may be one flag per batch.
+        ``ops``: how the heavy operations run (see Ops; an executor passes its own)."""
+        lasts = last_only if isinstance(last_only, list) else [last_only] * len(batches)
+        rope_on = self.config.position == "rope"
+        groups = {kind: [] for kind in self.kinds}  # per layer kind: each batch's Rows
+        ropes = {kind: [] for kind in self.kinds}
+        xs, start = [], 0
         for tokens, positions, slots in batches:
             b, t = tokens.shape
             if positions is None:
                 positions = torch.arange(t, device=tokens.device).expand(b, t)
             x = ops.embed(self.embed, tokens)
-            groups.append(self._rows(start, positions, slots, cache, x.dtype, ops))
+            if self.config.embed_scale:  # Gemma: sqrt(C), rounded to the activations' dtype as HF does
+                x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+            for kind in self.kinds:
+                groups[kind].append(self._rows(start, positions, slots, cache, x.dtype, ops, kind))
+                if rope_on:
+                    ropes[kind].append(self.rope_tables(positions, x.dtype, kind))
             start += b * t
             if self.config.position == "learned":
                 x = x + self.pos_embed(positions)
             xs.append(x)
-            if self.config.position == "rope":
-                ropes.append(self.rope_tables(positions, x.dtype))
         if len(xs) == 1:
-            x, rope = xs[0], (ropes[0] if ropes else None)
+            x = xs[0]
+            rope = {kind: (r[0] if r else None) for kind, r in ropes.items()}
         else:  # all rows side by side: (1, N, C), and the rope tables likewise
             def flat(parts):
                 return torch.cat([p.reshape(-1, *p.shape[2:]) for p in parts])[None]
             x = flat(xs)
-            rope = (flat([r[0] for r in ropes]), flat([r[1] for r in ropes])) if ropes else None
+            rope = {kind: (flat([t[0] for t in r]), flat([t[1] for t in r])) if r else None
+                    for kind, r in ropes.items()}
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, groups, cache, i, ops)
+            kind = self.layer_kinds[i]
+            x = layer(x, rope[kind], groups[kind], cache, i, ops)
 
         def head(h: torch.Tensor) -> torch.Tensor:
             return ops.linear((self.lm_head,), ops.norm(self.norm, h))[0].float()
 
         if len(xs) == 1:
-            return [head(x[:, -1:] if last_only else x)]
-        outs = [x[0, g.start : g.start + g.b * g.t].view(g.b, g.t, -1) for g in groups]
-        outs = [o[:, -1:] if last_only else o for o in outs]
+            return [head(x[:, -1:] if lasts[0] else x)]
+        rows = groups[self.kinds[0]]
+        outs = [x[0, g.start : g.start + g.b * g.t].view(g.b, g.t, -1) for g in rows]
+        outs = [o[:, -1:] if last else o for o, last in zip(outs, lasts)]
         logits = head(torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]))
         return [part.view(o.shape[0], o.shape[1], -1)
                 for part, o in zip(logits.split([o.shape[0] * o.shape[1] for o in outs]), outs)]
 
     def _rows(self, start: int, positions: torch.Tensor, slots: torch.Tensor | None,
-              cache: KVCache | None, dtype: torch.dtype, ops: Ops) -> "Rows":
-        """How one batch's rows attend: its cache slots, the key length, and the mask or, for one
-        new token per sequence where the executor has a kernel for it, that kernel's plan
-        (Ops.decode_plan)."""
+              cache: KVCache | None, dtype: torch.dtype, ops: Ops, kind: str) -> "Rows":
+        """How one batch's rows attend in the layers of ``kind``: its cache slots, the key length,
+        and the mask or, for one new token per sequence where the executor has a kernel for it,
+        that kernel's plan (Ops.decode_plan)."""
         b, t = positions.shape
         device = positions.device
         span = None
@@ -392,9 +502,9 @@ class Transformer(nn.Module):
         else:
             length = t
             key_pos = positions  # (B, T): the keys are the new tokens themselves
-        window = self.config.sliding_window
+        window = self.config.sliding_window if kind == "sliding" else None
         if cache is not None and t == 1:
-            decode = ops.decode_plan(slots, positions, cache, self.config, dtype)
+            decode = ops.decode_plan(slots, positions, cache, self._kind_config(kind), dtype)
             if decode is not None:
                 return Rows(start, b, t, slots, positions, length, span, None, decode)
         # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
@@ -410,6 +520,36 @@ class Transformer(nn.Module):
             if t <= SMALL_QUERY and positions.device.type != "cuda":  # small_query_attention adds it
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
         return Rows(start, b, t, slots, positions, length, span, mask)
+
+    def _kind_config(self, kind: str) -> ModelConfig:
+        """The config an executor's decode kernel reads for the layers of ``kind``: the model's
+        own, or, where layers differ, a copy whose sliding_window is that kind's."""
+        if len(self.kinds) == 1:
+            return self.config
+        if not hasattr(self, "_kind_configs"):
+            self._kind_configs = {k: replace(self.config, layer_types=None,
+                                             sliding_window=self.config.sliding_window if k == "sliding" else None)
+                                  for k in self.kinds}
+        return self._kind_configs[kind]
+
+    @torch.no_grad()
+    def attention_probs(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The softmax attention weights (B, H, T, T), in float32, of layer ``layer`` for its
+        attention input x (B, T, C) at positions 0..T-1: what its forward attends with (which never
+        materialises them), for inspection (llmkit.explain)."""
+        attn = self.layers[layer].attn
+        kind = self.layer_kinds[layer]
+        b, t, _ = x.shape
+        pos = torch.arange(t, device=x.device)
+        rope = self.rope_tables(pos.expand(b, t), x.dtype, kind) if attn.rot else None
+        q, k, _ = attn.project(x, rope)
+        q, k = q.float().transpose(1, 2), k.float().transpose(1, 2)  # (B, H, T, D), (B, Hk, T, D)
+        k = k.repeat_interleave(attn.h // attn.hk, dim=1)  # grouped-query: each kv head serves h/hk heads
+        scores = q @ k.transpose(-1, -2) / math.sqrt(attn.d)  # any other scale is folded into q
+        allowed = pos[None, :] <= pos[:, None]
+        if kind == "sliding":
+            allowed = allowed & (pos[None, :] > pos[:, None] - self.config.sliding_window)
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
 @dataclass

@@ -441,6 +441,25 @@ class Sampler:
         return p.greedy and self._bias_ids is None and p.repetition_penalty == 1.0 \
             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
+    def verify(self, logits: torch.Tensor, prompt_ids: Sequence[int], proposed: int) -> tuple[int, bool]:
+        """Speculative decoding's check of a proposed token (a proposal with all its probability
+        on one token): keep it with the probability this sampler gives it, else draw from the same
+        distribution with that token removed. The token that comes out has exactly the
+        distribution of `sample` (Leviathan et al. 2023, Chen et al. 2023); greedy keeps the
+        proposal only if it is the argmax. Records the token; returns (token, kept)."""
+        if self.params.greedy:
+            token = self.sample(logits, prompt_ids)
+            return token, token == proposed
+        probs = self.process(logits, prompt_ids).exp()
+        gen = self.generator(probs.device)
+        if float(torch.rand((), generator=gen, device=probs.device)) < float(probs[proposed]):
+            self.accept(proposed)
+            return proposed, True
+        probs[proposed] = 0.0
+        token = int(draw(probs, gen))
+        self.accept(token)
+        return token, False
+
     def sample(self, logits: torch.Tensor, prompt_ids: Sequence[int] = ()) -> int:
         """Pick the next token from one row of logits `[vocab]` and record it."""
         logits = self.penalize(logits, prompt_ids)

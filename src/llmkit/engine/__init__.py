@@ -36,6 +36,11 @@ from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
 PREFILL_CHUNK = 512  # prompt tokens per step
+SPEC_TOKENS = 5  # tokens proposed at once by prompt lookup
+# Speculate only while this few requests decode: a step of many rows already reads each weight
+# once for all of them, and checking proposals adds rows that then cost compute.
+SPEC_MAX_ROWS = 4
+SPEC_MAX_WAIT = 64  # steps a request waits after a proposal was rejected outright, at most
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class Request:
     params: SamplingParams
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     adapter: str | None = None  # the LoRA adapter that runs this request (None: the base model)
+    speculative: bool = True  # propose tokens by prompt lookup where the engine does
 
 
 @dataclass
@@ -138,6 +144,9 @@ class _Live:
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
+    lookup: "_Lookup | None" = None  # speculative decoding's n-gram index, made on first use
+    spec_wait: int = 0  # decode steps to go before proposing again
+    spec_backoff: int = 1  # the next wait after a proposal that was rejected outright
 
     @property
     def request(self) -> Request:
@@ -148,13 +157,39 @@ class _Live:
         return len(self.request.prompt_ids) + len(self.generated) - 1
 
 
+class _Lookup:
+    """Prompt lookup (Saxena 2023; vLLM's and llama.cpp's n-gram speculation): the continuation
+    of the most recent earlier occurrence of the sequence's last n tokens, for n = 3, then 2."""
+
+    ORDERS = (3, 2)
+
+    def __init__(self) -> None:
+        self.tables: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.ORDERS}
+        self.indexed = 0  # n-grams ending before this index are in the tables
+
+    def propose(self, seq: list[int], k: int) -> list[int]:
+        end = len(seq) - 1  # the n-gram ending at the last token is looked up, not indexed yet
+        for n, table in self.tables.items():
+            for j in range(max(self.indexed, n - 1), end):
+                table[tuple(seq[j - n + 1 : j + 1])] = j + 1
+        self.indexed = max(self.indexed, end)
+        for n in self.ORDERS:
+            if len(seq) > n:
+                at = self.tables[n].get(tuple(seq[-n:]))
+                if at is not None:
+                    return seq[at : at + k]
+        return []
+
+
 class Engine:
     def __init__(self, model: "torch.nn.Module | Executor", tokenizer, context_length: int, *,
                  max_batch: int = 16, max_queue: int | None = None, prefill_chunk: int | None = None,
-                 prefix_cache: "PrefixCache | None" = None):
+                 prefix_cache: "PrefixCache | None" = None, speculative: bool = True):
         """``model``: llmkit's Transformer (run by a TorchExecutor) or any Executor.
         ``prefix_cache``: keys and values of earlier prompts to reuse (executors that can copy
-        them in and out of their cache slots: ``read_kv``/``write_kv``)."""
+        them in and out of their cache slots: ``read_kv``/``write_kv``).
+        ``speculative``: propose tokens by prompt lookup and check them in one pass, for requests
+        that allow it (``Request.speculative``) while few requests decode."""
         self.executor = TorchExecutor(model, max_batch, context_length) if isinstance(model, torch.nn.Module) \
             else model
         self.tokenizer = tokenizer
@@ -165,6 +200,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
         can_copy = hasattr(self.executor, "read_kv") and hasattr(self.executor, "write_kv")
         self.prefix_cache = prefix_cache if can_copy else None
+        self.speculative = speculative
+        self.spec_proposed = self.spec_accepted = 0  # counters for metrics
         self._waiting: deque[_Live] = deque()
         self._running: list[_Live] = []  # admitted: prefilling or decoding
         self._free_slots: list[int] = list(range(max_batch))
@@ -347,9 +384,15 @@ class Engine:
         chunks = self._prompt_chunks()
         if not chunks and not decoding:
             return
+        proposals = self._proposals(decoding)
+        checked = {id(s) for s, _ in proposals}
+        decoding = [s for s in decoding if id(s) not in checked]
         pre_logits, dec_logits = self.executor.forward(
-            [(s.slot, ids, s.prefilled) for s, ids in chunks],
+            [(s.slot, ids, s.prefilled) for s, ids in chunks]
+            + [(s.slot, [s.generated[-1], *draft], s.position, True) for s, draft in proposals],
             [(s.slot, s.generated[-1], s.position) for s in decoding])
+        for (s, draft), rows in zip(proposals, pre_logits[len(chunks):]):
+            self._advance_checked(s, rows, draft)
         for (s, ids), logits in zip(chunks, pre_logits):
             s.prefilled += len(ids)
             if s.prefilled == len(s.request.prompt_ids):
@@ -361,6 +404,51 @@ class Engine:
         tokens = dec_logits.argmax(-1).tolist() if any(picks) else []
         for i, (s, row) in enumerate(zip(decoding, dec_logits)):
             self._advance(s, row, tokens[i] if picks[i] else None)
+
+    def _proposals(self, decoding: list[_Live]) -> list[tuple[_Live, list[int]]]:
+        """Tokens proposed by prompt lookup for the requests that may speculate this step."""
+        out: list[tuple[_Live, list[int]]] = []
+        if not self.speculative or len(decoding) > SPEC_MAX_ROWS:
+            return out
+        for s in decoding:
+            r = s.request
+            if not r.speculative or r.params.logits_processors:
+                continue
+            if s.spec_wait > 0:
+                s.spec_wait -= 1
+                continue
+            k = min(SPEC_TOKENS, r.params.max_tokens - len(s.generated) - 1, self.context_length - s.position - 2)
+            if k < 1:
+                continue
+            s.lookup = s.lookup or _Lookup()
+            draft = s.lookup.propose(r.prompt_ids + s.generated, k)
+            if draft:
+                out.append((s, draft))
+        return out
+
+    def _advance_checked(self, live: _Live, rows: torch.Tensor, draft: list[int]) -> None:
+        """Emit the proposed tokens the model agrees with, then its own next token (rows: logits
+        after the last generated token and after each proposed one). The distribution of what
+        comes out is that of decoding one token at a time (Sampler.verify)."""
+        try:
+            kept = 0
+            prompt = live.request.prompt_ids
+            for i, row in enumerate(rows):
+                if i < len(draft):
+                    token, ok = live.sampler.verify(row.float(), prompt, draft[i])
+                else:
+                    token, ok = live.sampler.sample(row.float(), prompt), False
+                if self._emit(live, token, row) or not ok:
+                    break
+                kept += 1
+            self.spec_proposed += len(draft)
+            self.spec_accepted += kept
+            if kept:
+                live.spec_backoff = 1
+            else:  # wrong outright: wait before the next proposal, longer each time it happens
+                live.spec_wait, live.spec_backoff = live.spec_backoff, min(2 * live.spec_backoff, SPEC_MAX_WAIT)
+        except Exception as exc:
+            self._finish(live, Event(live.handle.id, None, "", "error", error=exc))
 
     def _prompt_chunks(self) -> list[tuple[_Live, list[int]]]:
         """This step's prompt tokens: up to ``prefill_chunk`` of them, first come first served.
@@ -471,6 +559,13 @@ class Engine:
             token = live.sampler.sample(logits, live.request.prompt_ids)
         else:
             live.sampler.accept(token)
+        self._emit(live, token, raw)
+
+    def _emit(self, live: _Live, token: int, raw: torch.Tensor) -> bool:
+        """Record a chosen token (the sampler has seen it) and emit it with the text that became
+        final; end the request where it stops. Returns whether it ended."""
+        p = live.request.params
+        raw = raw.float()
         live.generated.append(token)
         self.generation_tokens_total += 1
         event = Event(live.handle.id, token, "")
@@ -496,5 +591,6 @@ class Engine:
                 event.finish_reason = "length"
         if event.finish_reason is not None:
             self._finish(live, event)
-        else:
-            live.handle._emit(event)
+            return True
+        live.handle._emit(event)
+        return False

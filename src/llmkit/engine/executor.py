@@ -32,10 +32,12 @@ class Executor(Protocol):
         """Size the cache for the running requests: ``length`` positions (the longest one's need)
         in slots 0..``slots``-1. Grow when needed; shrink when the long ones are gone."""
 
-    def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
+    def forward(self, chunks: list[tuple], decodes: list[tuple[int, int, int]]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass:
-        return each chunk's last-position logits [V] and the decode rows' logits [B, V]."""
+        return each chunk's last-position logits [V] and the decode rows' logits [B, V]. A chunk
+        (slot, ids, start, True) gets the logits of every position [T, V] instead (how speculative
+        decoding checks proposed tokens)."""
 
     def release(self, slot: int) -> None:
         """Forget the slot's cached keys and values."""
@@ -210,21 +212,26 @@ class TorchExecutor:
             new.v[:, :n, :, :keep] = old.v[:, :n, :, :keep]
         self.cache = new
 
-    def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
+    def forward(self, chunks: list[tuple], decodes: list[tuple[int, int, int]]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass
-        (Transformer.forward_many): the weights are read once for all of them, so a new request's
-        prompt costs the running ones little. Returns each chunk's last logits [V] and the decode
-        logits [B, V]."""
+        """Prompt chunks (slot, ids, start[, all_logits]) and decode tokens (slot, token, position)
+        in one pass (Transformer.forward_many): the weights are read once for all of them, so a new
+        request's prompt costs the running ones little. Returns each chunk's last logits [V] (or
+        all of them [T, V] when it asks) and the decode logits [B, V]."""
         d = self.device
-        batches = [(torch.tensor([ids], device=d), torch.arange(start, start + len(ids), device=d)[None],
-                    torch.tensor([slot], device=d)) for slot, ids, start in chunks]
+        batches, lasts = [], []
+        for slot, ids, start, *every in chunks:
+            batches.append((torch.tensor([ids], device=d), torch.arange(start, start + len(ids), device=d)[None],
+                            torch.tensor([slot], device=d)))
+            lasts.append(not (every and every[0]))
         if decodes:
             slots, tokens, positions = zip(*decodes)
             batches.append((torch.tensor(tokens, device=d)[:, None], torch.tensor(positions, device=d)[:, None],
                             torch.tensor(slots, device=d)))
-        out = self.model.forward_many(batches, cache=self.cache, last_only=True, ops=self.ops)
-        return [o[0, -1] for o in out[: len(chunks)]], (out[-1][:, -1] if decodes else out[:0])
+            lasts.append(True)
+        out = self.model.forward_many(batches, cache=self.cache, last_only=lasts, ops=self.ops)
+        firsts = [o[0, -1] if last else o[0] for o, last in zip(out[: len(chunks)], lasts)]
+        return firsts, (out[-1][:, -1] if decodes else out[:0])
 
     def release(self, slot: int) -> None:
         pass  # stale entries are masked: positions past a request's own are never read
