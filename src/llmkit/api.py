@@ -58,8 +58,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          quantize: str | None = None, executor: str = "auto", max_batch: int = 16,
-         prefix_cache: bool | int = True, speculative: bool = True, pull: bool = True,
-         progress: bool = True) -> "LLM":
+         prefix_cache: bool | int = True, speculative: bool = True, adapters: dict[str, str | Path] | None = None,
+         pull: bool = True, progress: bool = True) -> "LLM":
     """Load a model by store name (``smollm2-135m-instruct``), GGUF file, or HF-format folder.
 
     A catalogue name that is not in the store yet is pulled first (``pull=False`` refuses instead).
@@ -81,7 +81,21 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     ``speculative``: speculative decoding by prompt lookup while few requests decode (the text is
     the same, or for sampling has the same distribution); ``speculative=False`` on a call or here
     turns it off.
+    ``adapters``: LoRA adapters (name -> PEFT adapter folder, from ``llmkit finetune`` or PEFT) served
+    beside the base model; a request picks one with ``adapter="name"``, and rows with different
+    adapters share each decode step.
     """
+    llm = _open(model, device=device, dtype=dtype, quantize=quantize, executor=executor, max_batch=max_batch,
+                prefix_cache=prefix_cache, speculative=speculative, pull=pull, progress=progress)
+    for name, folder in (adapters or {}).items():
+        llm.add_adapter(name, folder)
+    return llm
+
+
+def _open(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         quantize: str | None = None, executor: str = "auto", max_batch: int = 16,
+         prefix_cache: bool | int = True, speculative: bool = True, pull: bool = True,
+         progress: bool = True) -> "LLM":
     if executor not in EXECUTORS:
         raise LLMKitError(f"executor={executor!r} is not available; choose one of {', '.join(EXECUTORS)}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -171,6 +185,11 @@ def _load_llamacpp(name: str, path: Path, read_model, quantize: str | None, max_
                executor=executor, read_model=read_model)
 
 
+def _request_options(sampling: dict) -> dict:
+    """The per-call settings that are not sampling settings, taken out of ``sampling``."""
+    return {"speculative": sampling.pop("speculative", True), "adapter": sampling.pop("adapter", None)}
+
+
 class LLM(TaskMixin):
     """A loaded model with its tokenizer. Sampling settings are keyword arguments
     (see ``llmkit.sampling.SamplingParams``): max_tokens, temperature, top_k, top_p, min_p,
@@ -214,16 +233,17 @@ class LLM(TaskMixin):
     # ------------------------------------------------------------------ the one door into the engine
 
     def requests(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, n: int = 1,
-                 logprobs: int | None = None, speculative: bool = True) -> list[Request]:
+                 logprobs: int | None = None, speculative: bool = True, adapter: str | None = None) -> list[Request]:
         """One engine Request per choice: ``n`` per prompt, choice index = prompt index * n + j.
         With ``params.seed`` set, choice i gets seed + i: distinct but reproducible streams.
-        ``speculative=False``: never speculate for these (the engine's own switch still rules)."""
+        ``speculative=False``: never speculate for these (the engine's own switch still rules).
+        ``adapter``: the name of a LoRA adapter loaded with ``add_adapter`` (None: the base)."""
         out = []
         for i, ids in enumerate(prompts):
             for j in range(n):
                 k = i * n + j
                 p = params if params.seed is None or k == 0 else params.replace(seed=(params.seed + k) % 2**64)
-                out.append(Request(list(ids), p, logprobs=logprobs, speculative=speculative))
+                out.append(Request(list(ids), p, logprobs=logprobs, speculative=speculative, adapter=adapter))
         return out
 
     def check(self, request: Request) -> None:
@@ -240,6 +260,28 @@ class LLM(TaskMixin):
         Closing the iterator early cancels whatever has not finished."""
         return self.engine.run(requests)
 
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve a LoRA adapter (a PEFT adapter folder: ``llmkit finetune``'s or PEFT's) beside the
+        base model, under ``name``; requests pick it with ``adapter=name``. The base's weights
+        are shared: each row adds its own adapter's low-rank update."""
+        from llmkit.train.lora import peft_updates, read_peft
+
+        executor = self.engine.executor
+        if not hasattr(executor, "add_adapter"):
+            raise LLMKitError(f"the {self.executor_name} executor does not serve LoRA adapters; "
+                              "load the model with executor='torch'")
+        config, weights = read_peft(folder)
+        executor.add_adapter(name, peft_updates(executor.model, weights, config, str(folder)))
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters served beside the base model."""
+        return list(getattr(self.engine.executor, "adapters", []))
+
+    def _check_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.adapters:
+            raise LLMKitError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+
     def set_limits(self, max_batch: int | None = None, max_queue: int | None = None) -> None:
         """Bounds of this model's engine: requests decoded together (capped by what the executor
         was built for) and requests that may wait for a slot (None: no limit)."""
@@ -253,15 +295,15 @@ class LLM(TaskMixin):
 
     def generate(self, prompt: str | Sequence[str], **sampling: Any) -> str | list[str]:
         """Complete one prompt (-> str) or several together (-> list[str])."""
-        spec = sampling.pop("speculative", True)
+        options = _request_options(sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = self._texts([self._prompt_ids(p) for p in prompts], SamplingParams(**sampling), spec)
+        texts = self._texts([self._prompt_ids(p) for p in prompts], SamplingParams(**sampling), options)
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece, as it is generated."""
-        spec = sampling.pop("speculative", True)
-        return self._stream_ids(self._prompt_ids(prompt), SamplingParams(**sampling), spec)
+        options = _request_options(sampling)
+        return self._stream_ids(self._prompt_ids(prompt), SamplingParams(**sampling), options)
 
     def chat(self, messages: Messages, **sampling: Any) -> str:
         """The assistant's answer to a conversation, rendered with the model's chat template."""
@@ -269,26 +311,27 @@ class LLM(TaskMixin):
 
     def chat_stream(self, messages: Messages, **sampling: Any) -> Iterator[str]:
         """Like ``chat``, piece by piece."""
-        spec = sampling.pop("speculative", True)
+        options = _request_options(sampling)
         prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-        return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling), spec)
+        return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling), options)
 
     def generate_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> list[int]:
         """Generate from token ids; return the new token ids (end-of-sequence included if hit)."""
-        spec = sampling.pop("speculative", True)
-        requests = self.requests([prompt_ids], SamplingParams(**sampling), speculative=spec)
+        options = _request_options(sampling)
+        requests = self.requests([prompt_ids], SamplingParams(**sampling), **options)
         return [e.token for e in self.run(requests) if e.token is not None]
 
-    def _texts(self, prompts: list[list[int]], params: SamplingParams, speculative: bool = True) -> list[str]:
+    def _texts(self, prompts: list[list[int]], params: SamplingParams, options: dict) -> list[str]:
         pieces: list[list[str]] = [[] for _ in prompts]
-        for event in self.run(self.requests(prompts, params, speculative=speculative)):
+        for event in self.run(self.requests(prompts, params, **options)):
             pieces[event.index].append(event.text)
         return ["".join(p) for p in pieces]
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams, speculative: bool = True) -> Iterator[str]:
+    def _stream_ids(self, ids: list[int], params: SamplingParams, options: dict) -> Iterator[str]:
         # check now, not at the first next(): errors belong to the call that caused them
-        (request,) = self.requests([ids], params, speculative=speculative)
+        (request,) = self.requests([ids], params, **options)
         self.check(request)
+        self._check_adapter(request.adapter)
 
         def pieces() -> Iterator[str]:
             for event in self.run([request]):

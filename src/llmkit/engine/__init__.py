@@ -255,9 +255,12 @@ class Engine:
                     self.executor.max_batch = max(self.max_batch, max(used, default=-1) + 1)
 
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
-        """Queue a request; raises ContextLengthError or QueueFullError. (SamplingParams validated
-        itself when it was made.)"""
+        """Queue a request; raises ContextLengthError, QueueFullError or, for an adapter the
+        executor does not serve, LLMKitError. (SamplingParams validated itself when it was made.)"""
         self.check(request)
+        if request.adapter is not None and request.adapter not in getattr(self.executor, "adapters", ()):
+            served = ", ".join(getattr(self.executor, "adapters", ())) or "none"
+            raise LLMKitError(f"no adapter named {request.adapter!r} is loaded (loaded: {served})")
         live = _Live(
             handle=None,  # set below
             sampler=Sampler(request.params, self.vocab_size),
@@ -489,6 +492,8 @@ class Engine:
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
                 self._fit()
+                if live.request.adapter is not None:
+                    self.executor.use_adapter(live.slot, live.request.adapter)
                 self._reuse_prefix(live)
         self._running.sort(key=lambda s: s.slot)
 

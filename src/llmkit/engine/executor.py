@@ -97,10 +97,38 @@ class TorchOps(Ops):
     def __init__(self, model: nn.Module, device: torch.device):
         self.packed = in_fresh_thread(lambda: pack_linears(model))  # see llmkit.threads
         self.kernel = device.type == "cpu" and cpu_attention.available()  # built on first use, once
+        # LoRA adapters served beside the base: name -> {id(linear): (A^T [in, r], scaling * B^T [r, out])}
+        self.adapters: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.row_groups: list[tuple[str, torch.Tensor]] = []  # this pass: (adapter, its rows), set per pass
 
     def linear(self, modules, x):
         packed = self.packed.get(tuple(map(id, modules))) if x.dtype == torch.bfloat16 else None
-        return packed(x) if packed is not None else tuple(m(x) for m in modules)
+        outs = packed(x) if packed is not None else tuple(m(x) for m in modules)
+        return self._lora(modules, x, outs) if self.row_groups else outs
+
+    def _lora(self, modules, x, outs):
+        """Each row's own adapter update on top of the base matmul, which ran once for all rows:
+        y[rows] += (x[rows] @ A^T) @ (scaling * B^T), per adapter present in this pass."""
+        flat = x.reshape(-1, x.shape[-1])
+        outs = list(outs)
+        for j, m in enumerate(modules):
+            target = None
+            for name, rows in self.row_groups:
+                update = self.adapters[name].get(id(m))
+                if update is None:
+                    continue
+                if target is None:  # a split of a fused matmul is a view: give it its own storage
+                    outs[j] = outs[j].contiguous()
+                    target = outs[j].view(-1, outs[j].shape[-1])
+                a_t, b_t = update
+                target.index_add_(0, rows, ((flat.index_select(0, rows) @ a_t) @ b_t).to(target.dtype))
+        return tuple(outs)
+
+    def add_adapter(self, name: str, model: nn.Module, updates: dict, dtype: torch.dtype) -> None:
+        """Serve a LoRA adapter: ``updates`` from train.lora.peft_updates (module name -> A, B, scaling)."""
+        self.adapters[name] = {id(model.get_submodule(module)): (a.t().to(dtype).contiguous(),
+                                                                  (scaling * b).t().to(dtype).contiguous())
+                               for module, (a, b, scaling) in updates.items()}
 
     def norm(self, module, x):
         if isinstance(module, RMSNorm):  # one fused kernel instead of eight ops
@@ -147,11 +175,11 @@ class QuantOps(TorchOps):
         for m in modules:
             matrix = self.matrices.get(id(m))
             if matrix is None:
-                out.extend(super().linear((m,), x))
-            else:
-                y = matrix(x)
-                out.append(y if m.bias is None else y + m.bias)
-        return tuple(out)
+                out.extend(TorchOps.linear(self, (m,), x))
+                continue
+            y = matrix(x)
+            out.append(y if m.bias is None else y + m.bias)
+        return self._lora(modules, x, tuple(out)) if self.row_groups else tuple(out)
 
     def embed(self, module, tokens):
         matrix = self.matrices.get(id(module))
@@ -192,6 +220,23 @@ class TorchExecutor:
         blocks = bool(quantized) or quantize is not None
         self.ops = QuantOps(model, self.device, quantized, quantize) if blocks else TorchOps(model, self.device)
         self.name = "torch+gguf-kernels" if blocks else "torch"
+        self.slot_adapters: dict[int, str] = {}  # slots whose request runs on a LoRA adapter
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.ops.adapters)
+
+    def add_adapter(self, name: str, updates: dict) -> None:
+        """Serve a LoRA adapter beside the base model (train.lora.peft_updates's form)."""
+        dtype = self.model.norm.weight.dtype if hasattr(self.model, "norm") else torch.float32
+        self.ops.add_adapter(name, self.model, updates, dtype)
+
+    def use_adapter(self, slot: int, name: str | None) -> None:
+        """The adapter the request in ``slot`` runs on (None: the base model)."""
+        if name is None:
+            self.slot_adapters.pop(slot, None)
+        else:
+            self.slot_adapters[slot] = name
 
     def fit(self, length: int, slots: int = 1) -> None:
         old = self.cache
@@ -229,12 +274,29 @@ class TorchExecutor:
             batches.append((torch.tensor(tokens, device=d)[:, None], torch.tensor(positions, device=d)[:, None],
                             torch.tensor(slots, device=d)))
             lasts.append(True)
+        self.ops.row_groups = self._row_groups(chunks, decodes) if self.slot_adapters else []
         out = self.model.forward_many(batches, cache=self.cache, last_only=lasts, ops=self.ops)
         firsts = [o[0, -1] if last else o[0] for o, last in zip(out[: len(chunks)], lasts)]
         return firsts, (out[-1][:, -1] if decodes else out[:0])
 
+    def _row_groups(self, chunks, decodes) -> list[tuple[str, torch.Tensor]]:
+        """The pass's rows (chunks' tokens, then decode rows, in order) grouped by adapter."""
+        rows: dict[str, list[int]] = {}
+        at = 0
+        for slot, ids, *_ in chunks:
+            name = self.slot_adapters.get(slot)
+            if name is not None:
+                rows.setdefault(name, []).extend(range(at, at + len(ids)))
+            at += len(ids)
+        for slot, _, _ in decodes:
+            name = self.slot_adapters.get(slot)
+            if name is not None:
+                rows.setdefault(name, []).append(at)
+            at += 1
+        return [(name, torch.tensor(r, device=self.device)) for name, r in rows.items()]
+
     def release(self, slot: int) -> None:
-        pass  # stale entries are masked: positions past a request's own are never read
+        self.slot_adapters.pop(slot, None)  # stale cache entries are masked: never read
 
     def read_kv(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions start..end-1 of a slot: (layers, Hk, end - start, D) views."""

@@ -210,8 +210,11 @@ def _alpha(config: dict, hf_module: str) -> float:
     return config["lora_alpha"]
 
 
-def merge_peft_weights(model: nn.Module, weights: dict[str, torch.Tensor], config: dict, where: str) -> None:
-    """Add each adapted layer's update ``scaling * B @ A`` (PEFT tensor names) into ``model``'s weights."""
+def peft_updates(model: nn.Module, weights: dict[str, torch.Tensor], config: dict, where: str
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each adapted layer of ``model`` (llmkit module name) -> (A [r, in], B [out, r], scaling), from
+    PEFT's tensor names, checked against the model's layers. Only names and shapes of the model are
+    read, so a model whose weights live elsewhere (quantized) works too."""
     from llmkit.errors import ModelFormatError
     from llmkit.formats.archs import get_architecture
 
@@ -227,6 +230,7 @@ def merge_peft_weights(model: nn.Module, weights: dict[str, torch.Tensor], confi
                                    f"of linear layers ({PEFT_PREFIX}<module>.lora_A.weight)")
         pairs.setdefault(m[1], {})[m[2]] = t
     convert = get_architecture(model.config.architecture).weights_from_hf
+    out = {}
     for hf_module, ab in pairs.items():
         module = _map_layer(convert, model.config, hf_module)
         layer = model.get_submodule(module) if module else None
@@ -238,20 +242,24 @@ def merge_peft_weights(model: nn.Module, weights: dict[str, torch.Tensor], confi
             raise ModelFormatError(f"{where}: {hf_module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
                                    f"a layer of {layer.in_features} -> {layer.out_features}: another base model?")
         r, alpha = a.shape[0], _alpha(config, hf_module)
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        out[module] = (a, b, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+    return out
+
+
+def merge_peft_weights(model: nn.Module, weights: dict[str, torch.Tensor], config: dict, where: str) -> None:
+    """Add each adapted layer's update ``scaling * B @ A`` (PEFT tensor names) into ``model``'s weights."""
+    for module, (a, b, scaling) in peft_updates(model, weights, config, where).items():
+        layer = model.get_submodule(module)
         with torch.no_grad():
             layer.weight.copy_((layer.weight.float() + scaling * (b @ a)).to(layer.weight.dtype))
 
 
-def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A ``llmkit.formats.Checkpoint`` of a PEFT LoRA adapter folder (llmkit's or PEFT's own): its base
-    model (read the usual way, by the name or path the adapter records) with the adapter merged in."""
+def read_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of a PEFT LoRA adapter folder, checked to be one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from llmkit import store
-    from llmkit.errors import ModelFormatError, ModelNotFoundError
-    from llmkit.formats import Checkpoint, read_checkpoint
+    from llmkit.errors import ModelFormatError
 
     folder = Path(folder)
     try:
@@ -264,6 +272,18 @@ def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device:
         what = f"a {kind} adapter" if kind else "not a PEFT adapter"
         raise ModelFormatError(f"{folder}: {what}: llmkit reads LoRA adapters (adapter_config.json with "
                                "peft_type LORA and lora_alpha)")
+    return config, weights
+
+
+def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A ``llmkit.formats.Checkpoint`` of a PEFT LoRA adapter folder (llmkit's or PEFT's own): its base
+    model (read the usual way, by the name or path the adapter records) with the adapter merged in."""
+    from llmkit import store
+    from llmkit.errors import ModelFormatError, ModelNotFoundError
+    from llmkit.formats import Checkpoint, read_checkpoint
+
+    folder = Path(folder)
+    config, weights = read_peft(folder)
     base = config.get("base_model_name_or_path")
     if not base:
         raise ModelFormatError(f"{folder}: adapter_config.json names no base model (base_model_name_or_path)")
