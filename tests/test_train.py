@@ -1,4 +1,4 @@
-"""Data preparation and pretraining: cleaning (plugin cleaners too), shards, exact resume after kill -9,
+"""Pretraining on prepared data (data preparation itself: test_prepare.py): exact resume after kill -9,
 atomic checkpoints, several processes with torchrun (gloo; DDP and FSDP) against one, and the CLI
 commands."""
 
@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from llmkit.train import checkpoint as ckpt_mod
-from llmkit.train.clean import NearDuplicates, html_to_text, normalize
-from llmkit.train.data import TokenData, prepare
-from llmkit.train.errors import DataError
+from llmkit.train.data import prepare
+from llmkit.train.errors import CheckpointError, TrainConfigError
 from llmkit.train.metrics import read_metrics
 
 LLMKIT = Path(sys.executable).parent / "llmkit"
@@ -74,7 +73,9 @@ def _corpus_files(folder: Path) -> Path:
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prep")
     src = _corpus_files(root / "src")
-    prepare([src], root / "data", vocab_size=300, val_fraction=0.1, progress=False, log=lambda *_: None)
+    # random Greek-letter words are no language and fail the web-quality rules: filters off
+    prepare([src], root / "data", vocab_size=300, val_fraction=0.1, lang=None, quality=False, progress=False,
+            log=lambda *_: None)
     return root / "data"
 
 
@@ -96,161 +97,7 @@ def _pretrain_cmd(data, out, config, *extra) -> list[str]:
             "--data", str(data), "--out", str(out), "--config", str(config), "--quiet", *map(str, extra)]
 
 
-# ------------------------------------------------------------------ cleaning
-
-
-def test_html_to_text_drops_scripts_styles_navigation_and_keeps_paragraphs():
-    html = ("<html><head><title>t</title><style>.a{color:red}</style></head><body><nav><a>Home</a></nav>"
-            "<script>alert(1)</script><p>First  para\ngraph.</p><div>Second &amp; last.</div>"
-            "<footer>(c) 2024</footer></body></html>")
-    assert html_to_text(html) == "First para graph.\n\nSecond & last."
-
-
-def test_normalize_unicode_controls_and_whitespace():
-    text = "Cafe\u0301\x00\x07 here   now  \r\n\r\n\r\n\r\n    indented\tcode\ufeff  \n"
-    assert normalize(text) == "Caf\u00e9 here now\n\n    indented code"
-
-
-def test_near_duplicates_found_and_distinct_texts_kept():
-    rng = np.random.default_rng(1)
-    a = " ".join(rng.choice(WORDS, size=200))
-    b = a.replace(a.split()[100], "CHANGED", 1)
-    c = " ".join(rng.choice(WORDS, size=200))
-    near = NearDuplicates(threshold=0.8)
-    assert [near.seen(a), near.seen(b), near.seen(c)] == [False, True, False]
-
-
-# ------------------------------------------------------------------ prepare
-
-
-def test_prepare_writes_shards_tokenizer_and_report(prepared):
-    meta = json.loads((prepared / "meta.json").read_text())
-    clean = meta["cleaning"]
-    assert clean["read"]["documents"] == 30 + 4 + 6
-    assert clean["dropped"]["exact_duplicate"]["documents"] == 1
-    assert clean["dropped"]["near_duplicate"]["documents"] == 1
-    assert clean["dropped"]["too_short"]["documents"] == 1
-    assert clean["kept"]["documents"] == 37 == meta["train"]["documents"] + meta["val"]["documents"]
-    assert meta["val"]["documents"] >= 3 and meta["dtype"] == "uint16" and meta["vocab_size"] == 300
-    assert all(len(s["sha256"]) == 64 for s in meta["sources"])
-    data = TokenData(prepared)
-    tok = data.tokenizer()
-    stream = data.window("train", 0, data.tokens("train"))
-    assert stream.max() < 300 and (stream == meta["separator_id"]).sum() == meta["train"]["documents"]
-    text = tok.decode(stream[: 200].tolist())
-    assert "Document" in text and "<script>" not in text
-    assert 0 < meta["unigram_val_loss"] < np.log(300)
-
-
-def test_prepare_with_an_existing_tokenizer(tmp_path, tiny_tokenizer_dir):
-    src = _corpus_files(tmp_path / "src")
-    meta = prepare([src], tmp_path / "data", tokenizer=tiny_tokenizer_dir, progress=False, log=lambda *_: None)
-    assert meta["vocab_size"] == 400
-    from llmkit.tokenizer import Tokenizer
-
-    assert meta["separator_id"] == Tokenizer.from_folder(tiny_tokenizer_dir).eos_token_id
-
-
-def test_prepare_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine line, long enough to keep around for the test"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
-        prepare([bad], tmp_path / "out", progress=False, log=lambda *_: None)
-    assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["bad.jsonl"]
-
-
-CLEANER_PLUGINS = {
-    "cleaners": """
-import re
-
-from llmkit.plugins import hookimpl
-
-
-def redact_keys(text):
-    return re.sub(r"key-[0-9]+", "[KEY]", text)
-
-
-def drop_drafts(text):
-    return None if text.startswith("DRAFT") else text
-
-
-@hookimpl
-def register_cleaners(register):
-    register("redact-keys", redact_keys)
-    register("drop-drafts", drop_drafts)
-""",
-    "miscounting": """
-from llmkit.plugins import hookimpl
-
-
-@hookimpl
-def register_cleaners(register):
-    register("count-words", lambda text: len(text.split()))
-""",
-}
-
-
-@pytest.fixture
-def cleaner_plugins(tmp_path, monkeypatch):
-    """Two plugin 'packages' with cleaners, installed the way pip would: modules plus dist-info entry points."""
-    from llmkit import plugins
-
-    site = tmp_path / "site"
-    for name, code in CLEANER_PLUGINS.items():
-        (site / f"{name}_plugin-1.0.dist-info").mkdir(parents=True)
-        (site / f"{name}_plugin.py").write_text(code)
-        (site / f"{name}_plugin-1.0.dist-info" / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 1.0\n")
-        (site / f"{name}_plugin-1.0.dist-info" / "entry_points.txt").write_text(f"[llmkit]\n{name} = {name}_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-
-    def select(name: str) -> None:
-        monkeypatch.setenv("LLMKIT_PLUGINS", name)
-        plugins.reset()
-
-    yield select
-    plugins.reset()
-    for name in CLEANER_PLUGINS:
-        sys.modules.pop(f"{name}_plugin", None)
-
-
-def test_prepare_runs_the_plugins_cleaners_and_reports_them(cleaner_plugins, tmp_path):
-    cleaner_plugins("cleaners")
-    rng = np.random.default_rng(2)
-    src = tmp_path / "src"
-    src.mkdir()
-    docs = {"a": "Use key-1234 and key-99 to open.", "b": "No secrets here.", "c": "DRAFT: key-5 is the key.",
-            "d": "Plain text again."}
-    docs = {name: f"{text} {' '.join(rng.choice(WORDS, size=40))}" for name, text in docs.items()}
-    for name, text in docs.items():
-        (src / f"{name}.txt").write_text(text)
-    lines: list[str] = []
-    meta = prepare([src], tmp_path / "data", vocab_size=300, val_fraction=0, progress=False, log=lines.append)
-
-    report = meta["cleaning"]
-    assert report["cleaners"] == {
-        # key-1234 -> [KEY] removes 3 characters, key-99 one, key-5 none (the document still changed)
-        "redact-keys": {"changed": {"documents": 2, "characters_removed": 4}, "dropped": {"documents": 0, "characters": 0}},
-        "drop-drafts": {"changed": {"documents": 0, "characters_removed": 0},
-                        "dropped": {"documents": 1, "characters": len(docs["c"])}},
-    }
-    assert report["kept"]["documents"] == meta["train"]["documents"] == 3
-    printed = [line.split()[:5] for line in lines]
-    assert ["redact-keys", "0", "documents", "-4", "characters"] in printed
-    assert ["drop-drafts", "-1", "documents", f"-{len(docs['c'])}", "characters"] in printed
-    data = TokenData(tmp_path / "data")
-    text = data.tokenizer().decode(data.window("train", 0, data.tokens("train")).tolist())
-    assert "Use [KEY] and [KEY] to open." in text and "No secrets here." in text
-    assert "key-" not in text and "DRAFT" not in text
-
-
-def test_a_cleaner_that_breaks_its_contract_is_named_and_nothing_is_written(cleaner_plugins, tmp_path):
-    cleaner_plugins("miscounting")
-    src = _corpus_files(tmp_path / "src")
-    with pytest.raises(DataError, match="cleaner 'count-words' returned int"):
-        prepare([src], tmp_path / "data", vocab_size=300, progress=False, log=lambda *_: None)
-    assert not (tmp_path / "data").exists()
+# ------------------------------------------------------------------ prepare (more in test_prepare.py)
 
 
 def test_demo_corpus_is_the_standard_library():
@@ -305,6 +152,9 @@ def test_pretrain_resumes_exactly_after_kill_9(prepared, tiny_yaml, tmp_path):
     assert sorted(resumed) == list(range(1, steps + 1))  # one run's metrics: no repeated steps
     for step in range(at + 1, steps + 1):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+    # nothing the killed process had half-written is left (temporary folders, their locks)
+    assert [p.name for p in killed.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")] == []
     assert (killed / "loss.png").stat().st_size > 1000
     # the final model is an HF folder that llmkit and transformers load, with the same logits
     import llmkit
@@ -334,6 +184,102 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
     w, _, state = ckpt_mod.load_checkpoint(ckpt_mod.latest_checkpoint(tmp_path))
     assert torch.equal(w["w"], weights["w"]) and state["step"] == 1
+
+
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time: to show nothing changed."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_training_into_a_non_empty_out_is_refused_and_touches_nothing(prepared, tiny_yaml, tmp_path):
+    from llmkit.train.finetune import finetune
+    from llmkit.train.pretrain import pretrain
+
+    out = tmp_path / "run"
+    pretrain(prepared, out, str(tiny_yaml), max_steps=3, **QUIET)
+    before = _files(out)
+    r = subprocess.run(_pretrain_cmd(prepared, out, tiny_yaml, "--max-steps", 2), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "not empty" in r.stderr and "--resume" in r.stderr and "--overwrite" in r.stderr
+    with pytest.raises(TrainConfigError, match="--resume.*--overwrite"):
+        finetune("any-model", tmp_path / "train.jsonl", out, **QUIET)  # refused before reading anything
+    with pytest.raises(TrainConfigError, match="give one of them"):
+        pretrain(prepared, out, str(tiny_yaml), resume=True, overwrite=True, **QUIET)
+    assert _files(out) == before
+
+    # a folder no run wrote: neither continued nor deleted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for flags, message in (({}, "not empty"), ({"resume": True}, "no run.json"),
+                           ({"overwrite": True}, "no training run wrote")):
+        with pytest.raises(TrainConfigError, match=message):
+            pretrain(prepared, mine, str(tiny_yaml), max_steps=2, **flags, **QUIET)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def _run_id(out: Path) -> str | None:
+    path = out / "run.json"
+    return json.loads(path.read_text())["run_id"] if path.exists() else None
+
+
+def test_overwrite_replaces_the_earlier_run_and_keeps_the_new_checkpoints(prepared, tiny_yaml, tmp_path):
+    from llmkit.train.pretrain import pretrain
+
+    out = tmp_path / "run"
+    pretrain(prepared, out, str(tiny_yaml), max_steps=10, **QUIET)  # checkpoints at steps 5 and 10
+    first = _run_id(out)
+    pretrain(prepared, out, str(tiny_yaml), max_steps=3, checkpoint_interval=1, overwrite=True, **QUIET)
+    ckpts = out / "checkpoints"
+    # the earlier run's later steps neither survive nor push the new run's checkpoints out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    assert (ckpts / "latest").read_text().strip() == "step-00000003"
+    run_id = _run_id(out)
+    assert run_id not in (None, first)
+    assert json.loads((ckpts / "step-00000003" / "state.json").read_text())["run_id"] == run_id
+    assert sorted(_losses(out)) == [1, 2, 3]
+    assert ckpt_mod.latest_checkpoint(ckpts, run_id).name == "step-00000003"
+
+
+def test_pruning_and_latest_only_concern_their_own_run(tmp_path):
+    weights = {"w": torch.zeros(2)}
+    for step in (100, 200):
+        ckpt_mod.save_checkpoint(tmp_path, step, weights, {}, {}, keep=2, run_id="a")
+    ckpt_mod.save_checkpoint(tmp_path, 10, weights, {}, {}, keep=2, run_id="b")
+    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path, "b")] == ["step-00000010"]
+    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path, "a")] == ["step-00000100", "step-00000200"]
+    (tmp_path / "latest").write_text("step-00000200\n")  # pointing at the other run's checkpoint
+    assert ckpt_mod.latest_checkpoint(tmp_path, "b").name == "step-00000010"
+    assert ckpt_mod.latest_checkpoint(tmp_path, "c") is None
+
+
+def test_resume_continues_the_run_in_out_with_its_own_config_and_budget(prepared, tiny_yaml, tmp_path):
+    import shutil
+
+    from llmkit.train.pretrain import pretrain
+
+    full = tmp_path / "full"
+    pretrain(prepared, full, str(tiny_yaml), max_steps=8, **QUIET)  # checkpoints at 5 and 8
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)  # the same run, as if killed right after its step-5 checkpoint
+    shutil.rmtree(cut / "checkpoints" / "step-00000008")
+    (cut / "checkpoints" / "latest").write_text("step-00000005\n")
+
+    with pytest.raises(CheckpointError, match="lr=0.003"):
+        pretrain(prepared, cut, str(tiny_yaml), resume=True, lr=0.01, **QUIET)
+    with pytest.raises(CheckpointError, match="another model_config"):  # the same settings, another model
+        pretrain(prepared, cut, "tiny", resume=True, batch_size=4, seq_len=32, warmup_steps=3, **QUIET)
+    summary = pretrain(prepared, cut, resume=True, **QUIET)  # neither config nor budget given again
+    assert summary["step"] == 8
+    reference, resumed = _losses(full), _losses(cut)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in (6, 7, 8):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 
 
 def _one_vs_two_processes(prepared, tiny_yaml, tmp_path, steps: int, *extra) -> tuple[Path, Path, list[str]]:

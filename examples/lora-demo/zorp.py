@@ -82,7 +82,7 @@ def main() -> None:
     t0 = time.perf_counter()
     finetune(args.model, out / "train.jsonl", out / "model", method="lora", lora_rank=args.rank,
              lora_alpha=2 * args.rank, lora_targets="all", lr=args.lr, max_steps=args.max_steps,
-             batch_size=args.batch_size, checkpoint_interval=20)
+             batch_size=args.batch_size, checkpoint_interval=20, overwrite=True)  # each run starts afresh
     minutes = (time.perf_counter() - t0) / 60
     after = accuracy(llmkit.load(out / "model"), test)
     print(f"held-out accuracy after:  {after:.2f} ({args.max_steps} LoRA steps, {minutes:.1f} minutes of training)")

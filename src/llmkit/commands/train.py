@@ -17,14 +17,34 @@ from llmkit.cli import friendly_errors
 @click.option("--min-chars", type=int, default=64, show_default=True, help="Drop documents shorter than this, after cleaning.")
 @click.option("--near-dup-threshold", type=float, default=0.8, show_default=True,
               help="Drop documents this similar (MinHash Jaccard) to an earlier one; 0 keeps near duplicates.")
+@click.option("--html-format", type=click.Choice(["text", "markdown"]), default="text", show_default=True,
+              help="Web pages' main content as plain text, or as Markdown (headings, lists, fenced code).")
+@click.option("--text-field", default="text", show_default=True,
+              help="The JSONL field or Parquet column that holds each document's text.")
+@click.option("--lang", default="en", show_default=True, metavar="CODES|any",
+              help="Keep documents in these languages (fastText codes, comma-separated: en,fr); 'any' keeps all.")
+@click.option("--lang-threshold", type=float, default=0.65, show_default=True,
+              help="Lowest language-identification probability kept.")
+@click.option("--quality/--no-quality", default=True, show_default=True,
+              help="The Gopher quality and repetition rules and C4's rules (thresholds in meta.json).")
+@click.option("--pii/--no-pii", default=True, show_default=True,
+              help="Replace e-mail addresses, IP addresses and phone numbers with [EMAIL], [IP], [PHONE].")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Clean the files on Ray: a local instance, or the cluster RAY_ADDRESS names (pip install 'llmkit[ray]').")
 @click.option("--demo", is_flag=True, help="Add the built-in corpus: the Python standard library's docstrings and docs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction, min_chars, near_dup_threshold, demo, quiet):
-    """Clean, deduplicate and tokenize INPUTS into binary shards for `llmkit pretrain`.
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, min_chars, near_dup_threshold, html_format, text_field,
+            lang, lang_threshold, quality, pii, use_ray, demo, quiet):
+    """Clean, filter, deduplicate and tokenize INPUTS into binary shards for `llmkit pretrain`.
 
-    INPUTS are .txt, .md, .html and .jsonl files (a "text" field, or chat "messages") and folders of
-    them. Nothing is written unless everything succeeds.
+    INPUTS are files and folders: .txt and .md, .html pages (main content only), .jsonl (a "text"
+    field, or chat "messages"), .parquet (a "text" column) and .pdf, each also compressed (.gz,
+    .zst). A file that cannot be read as what its name says is reported and skipped. Documents
+    go through language identification, the Gopher and C4 quality rules, PII redaction, and exact
+    and MinHash deduplication; the report says what each step removed and why. An interrupted
+    run started again redoes only the files it had not finished. Nothing is written to --out
+    unless everything succeeds.
 
     \b
     Example, with no download at all:
@@ -34,7 +54,8 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, min_chars, near_du
 
     run(inputs, out, tokenizer=None if tokenizer in (None, "new") else tokenizer, vocab_size=vocab_size,
         val_fraction=val_fraction, min_chars=min_chars, near_duplicates=near_dup_threshold or None, demo=demo,
-        progress=not quiet, log=click.echo)
+        html_format=html_format, text_field=text_field, lang=lang, lang_threshold=lang_threshold, quality=quality,
+        pii=pii, use_ray=use_ray, progress=not quiet, log=click.echo)
     click.echo(f"wrote {out}")
 
 
@@ -52,7 +73,11 @@ def _budget_options(fn):
         click.option("--eval-interval", type=int, default=None, help="Validate every N steps (0: only at the end)."),
         click.option("--checkpoint-interval", type=int, default=None, help="Checkpoint every N steps (and at the end)."),
         click.option("--seed", type=int, default=None, help="Same seed, same run."),
-        click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its last checkpoint, exactly (with its own budget unless "
+                          "given again; settings that change the results must be the same)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the earlier run in --out (its checkpoints, metrics and model are deleted)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)."),
         click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
                      help="Several processes (torchrun): ddp keeps a whole model in each (default); fsdp shards "
@@ -77,12 +102,14 @@ def _overrides(kwargs) -> dict:
 
 @click.command()
 @click.option("--data", required=True, type=click.Path(), help="A folder written by `llmkit prepare`.")
-@click.option("--config", default="tiny", show_default=True, help="A preset (tiny, small) or a YAML file.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for checkpoints, metrics, and the final model.")
+@click.option("--config", default=None,
+              help="A preset (tiny, small) or a YAML file.  [default: tiny; with --resume, the run's own]")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for checkpoints, metrics, and the final model: empty, or see --resume and --overwrite.")
 @click.option("--seq-len", type=int, default=None, help="Tokens per training sequence (the model's context).")
 @_budget_options
 @friendly_errors
-def pretrain(data, config, out, seq_len, resume, device, quiet, **kwargs):
+def pretrain(data, config, out, seq_len, resume, overwrite, device, quiet, **kwargs):
     """Train a language model from scratch on prepared data.
 
     The final model is written to OUT in Hugging Face format: `llmkit generate -m OUT` uses it.
@@ -101,7 +128,8 @@ def pretrain(data, config, out, seq_len, resume, device, quiet, **kwargs):
     overrides = _overrides(kwargs)
     if seq_len is not None:
         overrides["seq_len"] = seq_len
-    summary = run(data, out, config, resume=resume, progress=not quiet, device=device, log=click.echo, **overrides)
+    summary = run(data, out, config, resume=resume, overwrite=overwrite, progress=not quiet, device=device,
+                  log=click.echo, **overrides)
     _summary(summary, out)
 
 
@@ -130,7 +158,8 @@ def _summary(summary: dict, out) -> None:
 @click.option("--data", required=True, type=click.Path(), help="Training JSONL (chat, instruction, completion or text).")
 @click.option("--val", type=click.Path(), default=None, help="Validation JSONL, same formats.")
 @click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
-@click.option("--out", required=True, type=click.Path(), help="Folder for the fine-tuned model.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for the fine-tuned model: empty, or see --resume and --overwrite.")
 @click.option("--epochs", type=float, default=None, help="Passes over the data (default 3 unless --max-steps).")
 @click.option("--max-seq-len", type=int, default=None, help="Longest example in tokens (default: the model's context).")
 @click.option("--lora-rank", type=int, default=8, show_default=True)
@@ -143,7 +172,7 @@ def _summary(summary: dict, out) -> None:
 @_budget_options
 @friendly_errors
 def finetune(base, data, val, method, out, epochs, max_seq_len, lora_rank, lora_alpha, lora_dropout, lora_targets,
-             adapter_only, train_on_prompt, resume, device, quiet, **kwargs):
+             adapter_only, train_on_prompt, resume, overwrite, device, quiet, **kwargs):
     """Fine-tune a model on your own examples, with LoRA (default) or all weights.
 
     Each JSONL line is one example: {"messages": [...]} (chat), {"instruction", "input"?, "output"},
@@ -159,7 +188,8 @@ def finetune(base, data, val, method, out, epochs, max_seq_len, lora_rank, lora_
     summary = run(base, data, out, val=val, method=method, epochs=epochs, max_seq_len=max_seq_len,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                   lora_targets=lora_targets, adapter_only=adapter_only, train_on_prompt=train_on_prompt,
-                  resume=resume, progress=not quiet, device=device, log=click.echo, **_overrides(kwargs))
+                  resume=resume, overwrite=overwrite, progress=not quiet, device=device, log=click.echo,
+                  **_overrides(kwargs))
     _summary(summary, out)
 
 

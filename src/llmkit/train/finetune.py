@@ -228,15 +228,22 @@ class FinetuneTask:
 def finetune(base: str, data: str | Path, out: str | Path, *, val: str | Path | None = None, method: str = "lora",
              epochs: float | None = None, max_seq_len: int | None = None, lora_rank: int = 8,
              lora_alpha: float = 16.0, lora_dropout: float = 0.0, lora_targets: str = "q_proj,k_proj,v_proj,o_proj",
-             adapter_only: bool = False, train_on_prompt: bool = False, resume: bool = False, progress: bool = True,
-             device: str | None = None, log=print, **overrides: Any) -> dict[str, Any]:
-    """Fine-tune ``base`` on a JSONL file; write the result to ``out`` (see ``llmkit finetune --help``)."""
+             adapter_only: bool = False, train_on_prompt: bool = False, resume: bool = False,
+             overwrite: bool = False, progress: bool = True, device: str | None = None, log=print,
+             **overrides: Any) -> dict[str, Any]:
+    """Fine-tune ``base`` on a JSONL file; write the result to ``out`` (see ``llmkit finetune --help``).
+
+    ``out`` must be empty or missing, unless ``resume`` (continue the run there, with its own
+    budget unless one is given) or ``overwrite`` (replace the earlier run there)."""
     import llmkit
+    from llmkit.train.checkpoint import plan_run
+    from llmkit.train.loop import BUDGET, keep_run_budget
 
     if method not in ("lora", "full"):
         raise TrainConfigError(f"--method must be lora or full, got {method!r}")
     if adapter_only and method != "lora":
         raise TrainConfigError("--adapter-only needs --method lora")
+    run = plan_run(out, "finetune", resume=resume, overwrite=overwrite)  # before anything else: refuse early
     d = setup_distributed(device)
     try:
         llm = llmkit.load(base, device="cpu", dtype=torch.float32, progress=progress and d.main)
@@ -257,6 +264,7 @@ def finetune(base: str, data: str | Path, out: str | Path, *, val: str | Path | 
             s.max_steps = max(1, math.ceil((epochs or 3.0) * len(train_set) / s.batch_size))
         elif epochs is not None and s.max_steps is None:
             s.max_steps = max(1, math.ceil(epochs * len(train_set) / s.batch_size))
+        keep_run_budget(s, run, epochs is not None or any(overrides.get(k) is not None for k in BUDGET))
         if "warmup_steps" not in overrides and s.max_steps:
             s.warmup_steps = max(1, s.max_steps // 20)
         if "eval_interval" not in overrides and s.max_steps:
@@ -291,8 +299,9 @@ def finetune(base: str, data: str | Path, out: str | Path, *, val: str | Path | 
             log(f"{method}: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters trained; "
                 f"{len(train_set)} examples ({sum(e.targets for e in train_set):,} answer tokens)"
                 + (f", {len(val_set)} for validation" if val_set else "") + f"; {s.max_steps} steps")
-        summary = train(model, task, s, out, d=d, resume=resume, progress=progress, log=log,
-                        describe={"base": base_name, "method": method, "lora": lora})
+        summary = train(model, task, s, out, d=d, resume=resume, run=run, progress=progress, log=log,
+                        describe={"base": base_name, "method": method, "lora": lora,
+                                  "train_on_prompt": train_on_prompt})
         return summary
     finally:
         teardown_distributed()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import time
@@ -32,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmkit.fsutil import clean_stale
+from llmkit.train.checkpoint import RunPlan, latest_checkpoint, load_checkpoint, plan_run, save_checkpoint, start_run
 from llmkit.train.errors import CheckpointError, TrainConfigError
 from llmkit.train.metrics import MetricsLog, plot_losses
 
@@ -135,6 +137,13 @@ def _all_mean(value: float, d: Dist) -> float:
     return float(t) / d.world
 
 
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _broadcast_int(value: int, d: Dist) -> int:
     if d.world == 1:
         return value
@@ -235,6 +244,48 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100, reduction="sum")
 
 
+# ------------------------------------------------------------------ resuming a run
+
+# Settings that decide what a step computes: a resumed run must keep them to continue exactly.
+# The others (budget, intervals, micro-batch size, strategy, compile) may change on resume.
+SAME_ON_RESUME = ("batch_size", "seq_len", "seed", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                  "beta1", "beta2", "grad_clip")
+BUDGET = ("max_steps", "max_tokens", "max_minutes")
+_DESCRIBE_MAY_CHANGE = ("data", "config")  # where the data or the config file lives may move
+
+
+def keep_run_budget(s: TrainSettings, run: RunPlan, new_budget: bool) -> None:
+    """Resuming without a new budget on the command line: the run's own budget, so that the
+    learning-rate schedule is the one the run started with."""
+    if run.resume and not new_budget:
+        recorded = run.recorded.get("settings", {})
+        for key in BUDGET:
+            setattr(s, key, recorded.get(key))
+
+
+def check_same_run(run: RunPlan, s: TrainSettings, describe: dict[str, Any] | None) -> None:
+    """Refuse to resume ``run`` with settings or a model that would not continue it exactly."""
+    recorded = run.recorded.get("settings", {})
+    for key in SAME_ON_RESUME:
+        if key in recorded and recorded[key] != getattr(s, key):
+            raise CheckpointError(
+                f"the run in {run.out} was started with {key}={recorded[key]}, this command gives "
+                f"{getattr(s, key)}: resume with the same settings, or start a new run (--overwrite, or another --out)")
+    then = run.recorded.get("describe", {})
+    now = json.loads(json.dumps(describe or {}))  # as it was recorded: JSON (tuples become lists)
+    for key in sorted(set(then) | set(now)):
+        if key not in _DESCRIBE_MAY_CHANGE and then.get(key) != now.get(key):
+            raise CheckpointError(
+                f"the run in {run.out} was started with another {key} ({_short(then.get(key))}; this command: "
+                f"{_short(now.get(key))}): resume with the same model and settings, or start a new run "
+                "(--overwrite, or another --out)")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 # ------------------------------------------------------------------ the loop
 
 def plan_steps(s: TrainSettings, tokens_per_step: int) -> int | None:
@@ -246,10 +297,14 @@ def plan_steps(s: TrainSettings, tokens_per_step: int) -> int | None:
 
 
 def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path, *, d: Dist,
-          resume: bool = False, progress: bool = True, baseline: float | None = None,
+          resume: bool = False, run: RunPlan | None = None, progress: bool = True, baseline: float | None = None,
           describe: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``model`` on ``task`` with settings ``s``, writing checkpoints, metrics and the final
-    export under ``out``. Returns a summary (steps, last losses, tokens/s)."""
+    export under ``out``. Returns a summary (steps, last losses, tokens/s).
+
+    ``run``: what to do with ``out`` (``plan_run``); without it, ``out`` must be empty unless
+    ``resume`` continues the run there. Several processes: plan before they start working
+    together, as pretrain and finetune do, so that every one sees ``out`` as it was."""
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     world = d.world
@@ -270,23 +325,29 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
         raise TrainConfigError("--strategy fsdp shards the model over several processes: start them with "
                                "torchrun --nproc_per_node N (one process trains the whole model anyway)")
 
+    if run is None:
+        run = plan_run(out, "train", resume=resume)
+    if run.resume:
+        check_same_run(run, s, describe)
+    elif resume and d.main:
+        log(f"nothing to resume in {out}: starting a new run")
+    _barrier(d)  # every process has looked at OUT before the first one changes it
+    if d.main:
+        start_run(run, {"settings": asdict(s), "describe": describe or {}})
+        for folder in (out, ckpt_dir):  # what a killed run left half-written
+            clean_stale(folder)
+
     start_step = 0
     elapsed_before = 0.0
     tokens_before = 0
     opt_state = None
-    if resume:
-        found = latest_checkpoint(ckpt_dir)
+    if run.resume:
+        found = latest_checkpoint(ckpt_dir, run.run_id)
         if found is None:
             if d.main:
-                log(f"no checkpoint in {ckpt_dir}: starting from step 0")
+                log(f"no checkpoint of the run in {out} yet: starting it from step 0")
         else:
             weights, opt_state, state = load_checkpoint(found)
-            saved = state.get("settings", {})
-            for key in ("batch_size", "seq_len", "seed"):
-                if key in saved and saved[key] != getattr(s, key):
-                    raise CheckpointError(
-                        f"{found} was written with {key}={saved[key]}, this run has {getattr(s, key)}: "
-                        "resume with the same settings, or start a new --out")
             task.load_trainable(model, weights)  # before sharding: every process reads the full weights
             start_step = int(state["step"])
             max_steps = state.get("max_steps", max_steps) if max_steps is None else max_steps
@@ -343,7 +404,7 @@ def train(model: torch.nn.Module, task: Task, s: TrainSettings, out: str | Path,
             state = {"settings": asdict(s), "max_steps": max_steps, "tokens": tokens_before + tokens_seen,
                      "elapsed_s": elapsed_before + time.perf_counter() - t_start, **(describe or {})}
             save_checkpoint(ckpt_dir, step_now, task.trainable_state(whole), opt_state, state,
-                            keep=s.keep_checkpoints)
+                            keep=s.keep_checkpoints, run_id=run.run_id)
 
     def evaluate(step_now: int) -> None:
         if not (d.main or sharded):  # sharded, every process takes part in each forward pass

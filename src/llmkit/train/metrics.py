@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ class MetricsLog:
         rows = read_metrics(self.path) if resume_step is not None else []
         kept = [r for r in rows if r.get("step", 0) <= (resume_step or 0)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", encoding="utf-8") as f:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # replaced in one rename: a kill keeps the old rows
+        with open(tmp, "w", encoding="utf-8") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:

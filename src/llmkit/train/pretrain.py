@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +151,16 @@ def export_hf_into(model, tokenizer, out: str | Path) -> None:
     """Write the model in HF format into ``out`` beside what is there (checkpoints, metrics): saved
     whole into a temporary sibling first, then each file moved in with an atomic rename."""
     from llmkit.formats.hf import save_hf
+    from llmkit.fsutil import scratch_dir
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
-    try:
+    with scratch_dir(out, "export") as tmp:
         was = model.training
         model.eval()
         save_hf(model, tokenizer, tmp / "model")
         model.train(was)
         for f in (tmp / "model").iterdir():
             os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_config(model_fields: dict[str, Any], data: TokenData, seq_len: int) -> ModelConfig:
@@ -184,17 +179,28 @@ def build_config(model_fields: dict[str, Any], data: TokenData, seq_len: int) ->
         raise TrainConfigError(f"model settings: {exc}") from None
 
 
-def pretrain(data: str | Path, out: str | Path, config: str = "tiny", *, resume: bool = False,
-             progress: bool = True, device: str | None = None, log=print, **overrides: Any) -> dict[str, Any]:
+def pretrain(data: str | Path, out: str | Path, config: str | None = None, *, resume: bool = False,
+             overwrite: bool = False, progress: bool = True, device: str | None = None, log=print,
+             **overrides: Any) -> dict[str, Any]:
     """Pretrain a model from scratch on a ``llmkit prepare`` folder. ``overrides``: TrainSettings
-    fields (max_steps, max_tokens, max_minutes, batch_size, lr, seed, ...)."""
-    from llmkit.model import Transformer
+    fields (max_steps, max_tokens, max_minutes, batch_size, lr, seed, ...).
 
+    ``out`` must be empty or missing, unless ``resume`` (continue the run there, with its own
+    budget unless one is given) or ``overwrite`` (replace the earlier run there). ``config``: a
+    preset or YAML file; by default ``tiny``, or on resume the one the run started with."""
+    from llmkit.model import Transformer
+    from llmkit.train.checkpoint import plan_run
+    from llmkit.train.loop import BUDGET, keep_run_budget
+
+    run = plan_run(out, "pretrain", resume=resume, overwrite=overwrite)  # before anything else: refuse early
+    if config is None:
+        config = run.recorded.get("describe", {}).get("config") or "tiny"
     model_fields, settings_fields = load_run_config(config)
     s = TrainSettings.from_dict(copy.deepcopy(settings_fields))
     if any(overrides.get(k) is not None for k in ("max_tokens", "max_minutes")) and overrides.get("max_steps") is None:
         s.max_steps = None  # the preset's step count gives way to the budget the user asked for
     s.update(**overrides)
+    keep_run_budget(s, run, any(overrides.get(k) is not None for k in BUDGET))
     tokens = TokenData(data)
     if tokens.tokens("val") == 0 and progress:
         log("note: the data folder has no validation split; no validation loss will be reported")
@@ -215,8 +221,9 @@ def pretrain(data: str | Path, out: str | Path, config: str = "tiny", *, resume:
                 f"{model_config.hidden_size}, {n_params / 1e6:.2f}M parameters, vocabulary {model_config.vocab_size}; "
                 f"{d.world} process(es) on {d.device}" + (f" ({s.strategy})" if d.world > 1 else ""))
         baseline = tokens.meta.get("unigram_val_loss")
-        summary = train(model, task, s, out, d=d, resume=resume, progress=progress, baseline=baseline, log=log,
-                        describe={"model_config": model_config.to_dict(), "data": str(Path(data).resolve())})
+        describe = {"model_config": model_config.to_dict(), "data": str(Path(data).resolve()), "config": config}
+        summary = train(model, task, s, out, d=d, resume=resume, run=run, progress=progress, baseline=baseline,
+                        log=log, describe=describe)
         summary["unigram_val_loss"] = baseline
         return summary
     finally:
