@@ -328,7 +328,7 @@ class _SharedPool(_FailingOnStep):
         self.live: dict[int, int] = {}
 
     def forward(self, chunks, decodes):
-        for slot, ids, start, *_ in chunks:
+        for slot, ids, start in chunks:
             self.live[slot] = start + len(ids)
         for slot, _, pos in decodes:
             self.live[slot] = pos + 1

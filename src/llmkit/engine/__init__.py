@@ -390,12 +390,17 @@ class Engine:
         proposals = self._proposals(decoding)
         checked = {id(s) for s, _ in proposals}
         decoding = [s for s in decoding if id(s) not in checked]
+        # a proposal is checked as decode rows of its own slot, one per position: each row is
+        # computed as plain decoding would compute it there
+        spec_rows = [(s.slot, t, s.position + i) for s, draft in proposals for i, t in enumerate([s.generated[-1], *draft])]
         pre_logits, dec_logits = self.executor.forward(
-            [(s.slot, ids, s.prefilled) for s, ids in chunks]
-            + [(s.slot, [s.generated[-1], *draft], s.position, True) for s, draft in proposals],
-            [(s.slot, s.generated[-1], s.position) for s in decoding])
-        for (s, draft), rows in zip(proposals, pre_logits[len(chunks):]):
-            self._advance_checked(s, rows, draft)
+            [(s.slot, ids, s.prefilled) for s, ids in chunks],
+            [(s.slot, s.generated[-1], s.position) for s in decoding] + spec_rows)
+        at = len(decoding)
+        for s, draft in proposals:
+            self._advance_checked(s, dec_logits[at : at + len(draft) + 1], draft)
+            at += len(draft) + 1
+        dec_logits = dec_logits[: len(decoding)]
         for (s, ids), logits in zip(chunks, pre_logits):
             s.prefilled += len(ids)
             if s.prefilled == len(s.request.prompt_ids):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit import cpu_attention
-from llmkit.model import Ops, RMSNorm
+from llmkit.model import OffsetRMSNorm, Ops, RMSNorm
 from llmkit.threads import in_fresh_thread
 
 
@@ -32,12 +32,12 @@ class Executor(Protocol):
         """Size the cache for the running requests: ``length`` positions (the longest one's need)
         in slots 0..``slots``-1. Grow when needed; shrink when the long ones are gone."""
 
-    def forward(self, chunks: list[tuple], decodes: list[tuple[int, int, int]]
+    def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass:
-        return each chunk's last-position logits [V] and the decode rows' logits [B, V]. A chunk
-        (slot, ids, start, True) gets the logits of every position [T, V] instead (how speculative
-        decoding checks proposed tokens)."""
+        return each chunk's last-position logits [V] and the decode rows' logits [B, V]. Several
+        decode rows may share a slot at consecutive positions (speculative decoding checks its
+        proposals so): each sees its slot's keys up to its own position."""
 
     def release(self, slot: int) -> None:
         """Forget the slot's cached keys and values."""
@@ -133,6 +133,8 @@ class TorchOps(Ops):
     def norm(self, module, x):
         if isinstance(module, RMSNorm):  # one fused kernel instead of eight ops
             return F.rms_norm(x, module.weight.shape, module.weight, module.eps)
+        if isinstance(module, OffsetRMSNorm):  # Gemma's: by (1 + weight), in float32 as the module does
+            return F.rms_norm(x.float(), module.weight.shape, 1.0 + module.weight.float(), module.eps).to(x.dtype)
         return module(x)
 
     def decode_plan(self, slots, positions, cache, config, dtype):
@@ -257,33 +259,28 @@ class TorchExecutor:
             new.v[:, :n, :, :keep] = old.v[:, :n, :, :keep]
         self.cache = new
 
-    def forward(self, chunks: list[tuple], decodes: list[tuple[int, int, int]]
+    def forward(self, chunks: list[tuple[int, list[int], int]], decodes: list[tuple[int, int, int]]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Prompt chunks (slot, ids, start[, all_logits]) and decode tokens (slot, token, position)
-        in one pass (Transformer.forward_many): the weights are read once for all of them, so a new
-        request's prompt costs the running ones little. Returns each chunk's last logits [V] (or
-        all of them [T, V] when it asks) and the decode logits [B, V]."""
+        """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass
+        (Transformer.forward_many): the weights are read once for all of them, so a new request's
+        prompt costs the running ones little. Returns each chunk's last logits [V] and the decode
+        logits [B, V]."""
         d = self.device
-        batches, lasts = [], []
-        for slot, ids, start, *every in chunks:
-            batches.append((torch.tensor([ids], device=d), torch.arange(start, start + len(ids), device=d)[None],
-                            torch.tensor([slot], device=d)))
-            lasts.append(not (every and every[0]))
+        batches = [(torch.tensor([ids], device=d), torch.arange(start, start + len(ids), device=d)[None],
+                    torch.tensor([slot], device=d)) for slot, ids, start in chunks]
         if decodes:
             slots, tokens, positions = zip(*decodes)
             batches.append((torch.tensor(tokens, device=d)[:, None], torch.tensor(positions, device=d)[:, None],
                             torch.tensor(slots, device=d)))
-            lasts.append(True)
         self.ops.row_groups = self._row_groups(chunks, decodes) if self.slot_adapters else []
-        out = self.model.forward_many(batches, cache=self.cache, last_only=lasts, ops=self.ops)
-        firsts = [o[0, -1] if last else o[0] for o, last in zip(out[: len(chunks)], lasts)]
-        return firsts, (out[-1][:, -1] if decodes else out[:0])
+        out = self.model.forward_many(batches, cache=self.cache, last_only=True, ops=self.ops)
+        return [o[0, -1] for o in out[: len(chunks)]], (out[-1][:, -1] if decodes else out[:0])
 
     def _row_groups(self, chunks, decodes) -> list[tuple[str, torch.Tensor]]:
         """The pass's rows (chunks' tokens, then decode rows, in order) grouped by adapter."""
         rows: dict[str, list[int]] = {}
         at = 0
-        for slot, ids, *_ in chunks:
+        for slot, ids, _ in chunks:
             name = self.slot_adapters.get(slot)
             if name is not None:
                 rows.setdefault(name, []).extend(range(at, at + len(ids)))

@@ -106,18 +106,13 @@ class LlamaCppExecutor:
     def forward(self, chunks: list[tuple[int, list[int], int]], decode: list[tuple[int, int, int]]):
         """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one
         llama_decode: returns (last-position logits per chunk, logits [B, V] for decode)."""
-        entries, spans = [], []
-        for slot, ids, start, *every in chunks:
-            last, every = len(ids) - 1, bool(every and every[0])
-            entries += [(t, start + i, slot, every or i == last) for i, t in enumerate(ids)]
-            spans.append(len(ids) if every else 0)
+        entries = []
+        for slot, ids, start in chunks:
+            last = len(ids) - 1
+            entries += [(t, start + i, slot, i == last) for i, t in enumerate(ids)]
         entries += [(t, p, s, True) for s, t, p in decode]
         rows = self._run(entries)
-        firsts, at = [], 0
-        for n in spans:  # a chunk that asked for every position's logits gets [T, V]
-            firsts.append(rows[at : at + n] if n else rows[at])
-            at += n or 1
-        return firsts, rows[at:]
+        return list(rows[: len(chunks)]), rows[len(chunks) :]
 
     def release(self, slot: int) -> None:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self._ctx), slot, -1, -1)
