@@ -77,15 +77,18 @@ class Specs:
     @hookspec
     def register_middleware(self, register: Callable[[str, Any], None]) -> None:
         """Register server middleware: ``register(name, middleware)``; the server calls every one, in
-        registration order, on each generation request (chat, completions).
+        registration order.
 
-        ``middleware.on_request(body: dict) -> dict`` receives the request's JSON body (OpenAI
-        shape: ``messages`` or ``prompt``) before the model sees it and returns the body to use
-        (a changed copy, or the same dict). ``middleware.on_response(body: dict) -> dict``
-        receives the response's JSON body (``choices`` with ``message.content`` or ``text``)
-        before it is sent, and for a streamed answer each chunk's body (``choices[].delta``)
-        separately. Either method may be absent. Raising ``llmkit.LLMKitError`` refuses the
-        request with HTTP 400 and the error's message (a moderation filter's way to say no).
+        ``middleware.on_request(body: dict) -> dict`` receives a generation request's JSON body
+        (chat, completions; OpenAI shape: ``messages`` or ``prompt``) before the model sees it and
+        returns the body to use (a changed copy, or the same dict). ``middleware.on_response(body:
+        dict) -> dict`` receives every response body before it is sent (``choices`` with
+        ``message`` or ``text``, logprobs and tool calls; embeddings, tokenize, detokenize). For a
+        streamed answer it receives, per choice, a chunk whose ``delta.content`` (or ``text``),
+        ``logprobs`` and ``tool_calls`` hold the whole answer so far, and the client gets what is
+        new in what it returns; the last words wait until the next ones come. Either method may
+        be absent. Raising ``llmkit.LLMKitError`` refuses the request with HTTP 400 and the
+        error's message (a moderation filter's way to say no).
         """
 
     @hookspec

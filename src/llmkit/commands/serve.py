@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from llmkit.cli import dtype_option, executor_option, friendly_errors, model_option
 
@@ -10,10 +11,11 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
 @click.command()
 @model_option
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; 0.0.0.0 serves other machines too (set --api-key then).")
+              help="Address to bind; 0.0.0.0 serves other machines too (set LLMKIT_API_KEY then).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="LLMKIT_API_KEY", default=None,
-              help="Require this key (Authorization: Bearer KEY) on every route but /health. Env: LLMKIT_API_KEY.")
+              help="Require this key (Authorization: Bearer KEY) on every route but /health. Prefer setting "
+                   "LLMKIT_API_KEY: a key on the command line shows in `ps` to every user of the machine.")
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the -m value).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Weight-only quantization at load (CPU): faster decoding, slightly lower quality.")
@@ -32,18 +34,32 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
 @click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
 @click.option("--allow-origin", "allow_origins", multiple=True,
-              help="Let browser pages from this origin call the API (CORS); repeatable, * for any.")
+              help="Let browser pages from this origin call the API (CORS); repeatable, * for any. Requests "
+                   "from pages on other origins are refused (403).")
+@click.option("--allow-host", "allow_hosts", multiple=True,
+              help="Without --api-key, serve requests whose Host header is this name too (besides the bound "
+                   "address, loopback names and IP addresses); repeatable, * for any.")
+@click.option("--max-request-tokens", default=16384, show_default=True, type=click.IntRange(1, None),
+              help="Work one request may ask for, in tokens: n x (prompt + max_tokens), logprob entries, "
+                   "texts to embed; 400 beyond.")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, None),
+              help="Open connections served at once; more are answered 503.")
+@click.option("--body-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client has to send its request body (408 beyond).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @friendly_errors
 def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None, quantize: str,
           executor: str, dtype: str | None, max_batch: int, max_queue: int, default_max_tokens: int,
-          request_timeout: float, drain_timeout: float,
-          max_body_mb: float, allow_origins: tuple[str, ...], log_level: str) -> None:
+          request_timeout: float, drain_timeout: float, max_body_mb: float, allow_origins: tuple[str, ...],
+          allow_hosts: tuple[str, ...], max_request_tokens: int, max_connections: int, body_timeout: float,
+          log_level: str) -> None:
     """Serve a model over HTTP with an OpenAI-compatible API and a chat page.
 
-    Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
-    /health, /ready, /metrics (Prometheus), / (chat page in the browser), /docs (OpenAPI).
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /tokenize,
+    /detokenize, /health, /ready, /metrics (Prometheus), / (chat page in the browser), /docs (OpenAPI).
+    Request bodies are JSON with Content-Type: application/json. Set the API key with the
+    LLMKIT_API_KEY environment variable rather than --api-key, which other users see in `ps`.
     Many clients are served at once: their requests share each decoding step. With --executor auto,
     a CPU that multiplies bfloat16 natively serves on llmkit's torch model in bfloat16 (more tokens/s
     for many clients); elsewhere GGUF files run on llama.cpp when it is installed.
@@ -57,6 +73,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     from llmkit import store
     from llmkit.server import ServerConfig, serve as run, serving_executor
 
+    if api_key and click.get_current_context().get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
+        click.secho("warning: --api-key on the command line shows in `ps` to every user of this machine; "
+                    "set LLMKIT_API_KEY instead.", fg="yellow", err=True)
     # fail before binding the port, not seconds later in the loading thread
     if not store.is_catalogue_name(model):
         store.resolve(model)
@@ -65,10 +84,12 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     config = ServerConfig(model_name=name, aliases=aliases, api_key=api_key or None, max_batch=max_batch,
                           max_queue=max_queue, default_max_tokens=default_max_tokens,
                           request_timeout=request_timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                          drain_timeout=drain_timeout, allow_origins=allow_origins)
+                          drain_timeout=drain_timeout, allow_origins=allow_origins, allow_hosts=allow_hosts,
+                          max_request_tokens=max_request_tokens, max_connections=max_connections,
+                          body_timeout=body_timeout, host=host)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        click.secho(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it.",
-                    fg="yellow", err=True)
+        click.secho(f"warning: serving on {host} without an API key: anyone who can reach this port can use it "
+                    "(set LLMKIT_API_KEY).", fg="yellow", err=True)
     executor, dtype = serving_executor(executor, dtype)
     runs_on = f"executor {executor}" + (f", {dtype}" if dtype else "")
     click.echo(f"llmkit: loading {model} ({runs_on}); serving on http://{host}:{port} "

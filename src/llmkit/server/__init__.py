@@ -7,17 +7,18 @@ flight on SIGTERM or Ctrl-C.
 
 from __future__ import annotations
 
-from llmkit.server.app import ServerConfig, create_app
+from llmkit.server.app import create_app
+from llmkit.server.config import ServerConfig
 
 __all__ = ["ServerConfig", "create_app", "serve", "serving_executor"]
 
 
 def serving_executor(executor: str, dtype: str | None) -> tuple[str, str | None]:
     """What "auto" means for a server: on a CPU that multiplies bfloat16 natively, llmkit's torch
-    model in bfloat16. It serves many clients better than llama.cpp's batched quantized matmul:
-    64 chat requests from 16 clients on 2 cores, 188 against 103 output tokens/s and a median time
-    to first token of 0.3 against 0.9 s (bench/serve_bench.py). One stream decodes faster on
-    llama.cpp, so ``llmkit generate`` and ``chat`` keep it; ``--executor llama.cpp`` keeps it here."""
+    model in bfloat16, which serves many clients at once with more output tokens per second and a
+    shorter time to first token than llama.cpp's batched quantized matmul (bench/serve_bench.py
+    measures both). One stream decodes faster on llama.cpp, so ``llmkit generate`` and ``chat``
+    keep it; ``--executor llama.cpp`` keeps it here."""
     import torch
 
     from llmkit.api import cpu_has_native_bf16
@@ -35,11 +36,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: st
     On the signal the server stops accepting connections, answers /ready with 503, and gives the
     requests in flight ``config.drain_timeout`` seconds to finish before cancelling them.
     """
+    import dataclasses
     import logging
 
     import uvicorn
 
-    config = config or ServerConfig(model_name=model)
+    config = dataclasses.replace(config or ServerConfig(model_name=model), host=host)
     executor, dtype = serving_executor(executor, dtype)
     failed: list[BaseException] = []
 
@@ -71,7 +73,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: st
 
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                timeout_graceful_shutdown=max(1, int(config.drain_timeout)),
-                               timeout_keep_alive=5)
+                               timeout_keep_alive=5,
+                               # uvicorn counts the connection asking too: max_connections + 1 refuses the next
+                               limit_concurrency=config.max_connections + 1)
     server = _Server(uv_config)
     server.run()
     if failed:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
 
 PREFIX = "llmkit:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -26,31 +25,19 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 FINISHED_LABEL = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "abort"}
 
 
-class _EngineCounters:
-    """Token counters read from the engine at scrape time (the engine keeps the totals)."""
-
-    def __init__(self, engine: Callable[[], object | None]):
-        self._engine = engine
-
-    def collect(self):
-        engine = self._engine()
-        for name, attr, doc in (
-            ("prompt_tokens", "prompt_tokens_total", "Prompt tokens processed (prefilled)."),
-            ("generation_tokens", "generation_tokens_total", "Tokens generated."),
-        ):
-            yield CounterMetricFamily(PREFIX + name, doc, value=getattr(engine, attr, 0) if engine else 0)
-
-
 class Metrics:
     def __init__(self, engine: Callable[[], object | None]):
-        """``engine()`` returns the current engine, or None while the model loads."""
+        """``engine()`` returns the model's engine, or None while the model loads. The engine may
+        serve other callers too (it belongs to the LLM): the gauges show all of its requests, the
+        counters this server's own."""
         self.registry = r = CollectorRegistry()
         running = Gauge(PREFIX + "num_requests_running", "Requests in the running batch (prefilling or decoding).",
                         registry=r)
         running.set_function(lambda: getattr(engine(), "num_running", 0))
         waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a slot in the batch.", registry=r)
         waiting.set_function(lambda: getattr(engine(), "num_waiting", 0))
-        r.register(_EngineCounters(engine))
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed (prefilled).", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "Time from the request's arrival to its first generated token.",
                               buckets=_TTFT_BUCKETS, registry=r)
@@ -64,6 +51,10 @@ class Metrics:
                                ["finished_reason"], registry=r)
         for label in ("stop", "length", "abort"):
             self.success.labels(label)
+        self.abandoned = Counter(PREFIX + "offload_abandoned", "Embeddings and prompt scorings stopped before "
+                                 "their answer, by reason (client_gone, timeout).", ["reason"], registry=r)
+        for label in ("client_gone", "timeout"):
+            self.abandoned.labels(label)
         self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before generating, by reason.",
                                 ["reason"], registry=r)
 

@@ -49,7 +49,8 @@ class _Sampling(BaseModel):
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), le=2**63 - 1, description="A 64-bit signed integer: "
+                                "the same seed gives the same draws (choice i of n uses seed + i).")
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
@@ -278,7 +279,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llmkit"
-    max_model_len: int
+    max_model_len: Optional[int] = Field(description="The context window; null while the model loads.")
 
 
 class ModelList(BaseModel):

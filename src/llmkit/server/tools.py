@@ -92,9 +92,16 @@ def plan_for(req) -> ToolPlan | None:
             raise bad_request(f"{param} names the function {name!r}, which is not among the tools offered "
                               f"({', '.join(names)}).", param=param, code="invalid_value")
         plan.choice, plan.name = "function", name
-    if plan.schema() is not None:  # refuse what the mask cannot enforce before any work is done
+    if plan.choice in ("required", "function"):  # refuse what the mask cannot enforce before any work is done
         from llmkit.constrain import UnsupportedSchemaError, check_schema
 
+        enforced = [plan.functions[plan.name]] if plan.choice == "function" else list(plan.functions.values())
+        for f in enforced:  # each function's parameters alone first: building the call's schema reads them
+            try:
+                check_schema(f.get("parameters") or {})
+            except UnsupportedSchemaError as exc:
+                raise bad_request(f"The parameters of {f['name']} cannot be enforced while decoding: {exc}",
+                                  param="functions" if legacy else "tools", code="unsupported_schema") from None
         try:
             check_schema(plan.schema())
         except UnsupportedSchemaError as exc:
@@ -178,7 +185,7 @@ def prepare(chat: list[dict], plan: ToolPlan | None, native: bool) -> tuple[list
         m.pop("_results", None)
     if tools is not None:
         prompt = system_prompt(plan)
-        if out[0]["role"] == "system":
+        if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{prompt}".lstrip()}
         else:
             out.insert(0, {"role": "system", "content": prompt})

@@ -1,0 +1,5 @@
+"""The server's routes, one router per concern; ``llmkit.server.app.create_app`` includes them all."""
+
+from llmkit.server.routes import completions, embeddings, page, status, tokens
+
+ROUTERS = [status.router, tokens.router, embeddings.router, completions.router, page.router]
