@@ -106,6 +106,30 @@ def _tiny_hf_config(arch: str):
         return tf.MistralConfig(**llama_like, sliding_window=8)
     if arch == "qwen2":
         return tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
+    if arch == "qwen3":  # head_dim 128 (not hidden / heads): what transformers assumes reading a GGUF
+        return tf.Qwen3Config(**llama_like, head_dim=128)
+    if arch == "qwen3-odd":  # sliding window on the layers from 1 on, tied head, head_dim 24
+        return tf.Qwen3Config(**{**llama_like, "num_hidden_layers": 3}, head_dim=24, use_sliding_window=True,
+                              sliding_window=6, max_window_layers=1, tie_word_embeddings=True)
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like, pad_token_id=0)
+    if arch == "phi3-odd":  # LongRoPE past position 32, half the head dims rotated
+        return tf.Phi3Config(**{**llama_like, "max_position_embeddings": 128}, pad_token_id=0,
+                             original_max_position_embeddings=32, partial_rotary_factor=0.5,
+                             rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0],
+                                           "long_factor": [2.0, 3.0, 5.0, 8.0]})
+    gemma = dict(vocab_size=400, bos_token_id=2, eos_token_id=1, pad_token_id=0, hidden_size=64,
+                 intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    if arch == "gemma3":  # Gemma 3 270M's layout in small: every sixth layer global, head_dim 256
+        return tf.Gemma3TextConfig(**gemma, num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=256,
+                                   sliding_window=8)
+    if arch == "gemma3-odd":  # alternating layers, its own scale and rope bases, untied head
+        return tf.Gemma3TextConfig(**gemma, num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24,
+                                   sliding_window=5, tie_word_embeddings=False,
+                                   layer_types=["sliding_attention", "full_attention"] * 2,
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+                                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 100000.0}})
     raise ValueError(arch)
 
 
@@ -122,6 +146,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
         if arch not in made:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(_tiny_hf_config(arch))
+            if arch.startswith(("qwen3", "phi3", "gemma3")):  # norms away from their initial values, so
+                with torch.no_grad():  # that how each family applies them matters
+                    for name, p in model.named_parameters():
+                        if "norm" in name:
+                            p.add_(torch.randn_like(p) * 0.2)
             out = tmp_path_factory.mktemp(f"tiny-{arch}")
             model.save_pretrained(out, safe_serialization=True)
             for f in tiny_tokenizer_dir.iterdir():

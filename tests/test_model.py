@@ -16,7 +16,7 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "gemma3"])
 def test_tiny_models_match_transformers(arch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -25,7 +25,7 @@ def test_tiny_models_match_transformers(arch, tiny_model_dir):
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert llm.config.architecture == arch
     gen = torch.Generator().manual_seed(1)
-    for length in (1, 5, 20, 40):  # 20 and 40 pass Mistral's sliding window of 8
+    for length in (1, 5, 20, 40):  # 20 and 40 pass Mistral's and Gemma 3's sliding window of 8
         ids = torch.randint(0, 400, (length,), generator=gen)
         with torch.no_grad():
             expected = ref(ids[None]).logits[0]
@@ -73,7 +73,7 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir):
     assert together == alone
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gpt2"])
+@pytest.mark.parametrize("arch", ["mistral", "gpt2", "gemma3-odd", "phi3-odd"])
 def test_one_pass_over_a_prompt_chunk_and_decode_rows_equals_separate_passes(arch, tiny_model_dir):
     """forward_many: a prompt chunk rides along with decode rows (how the engine steps); each
     batch's logits and cache entries equal those of its own pass."""

@@ -168,6 +168,9 @@ def pull(source: str, name: str | None, force: bool, file: str | None, quiet: bo
     """
     from llmkit import store
 
+    entry = store.catalogue_entry(source)
+    if entry is not None:  # what the user agrees to by using it, before anything is stored
+        click.echo(f"{entry.name}: {entry.description}. Licence: {entry.license}", err=True)
     path = store.pull(source, name=name, force=force, progress=not quiet, file=file)
     click.echo(f"stored at {path}")
 
@@ -293,6 +296,7 @@ def show(name: str) -> None:
     m = store.show(name)
     click.echo(f"name:     {m.name}\npath:     {m.path}\nformat:   {m.format}\nsize:     {_size(m.size)}")
     click.echo(f"source:   {m.source}\nsha256:   {m.sha256}\npulled:   {m.pulled_at}")
+    click.echo(f"licence:  {m.license or 'not recorded'}")
     click.echo(f"arch:     {_arch_summary(m.path, m.format)}")
 
 

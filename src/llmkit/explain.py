@@ -8,10 +8,10 @@ every layer and head. ``Explanation.to_html`` writes a page with tokens coloured
 and the alternatives on hover; ``Explanation.plot_attention`` draws one layer/head as a heatmap.
 
 Attention weights are not returned by the model (it calls fused scaled-dot-product attention,
-which never materialises them). They are recomputed here from what each attention module sees:
-a forward hook takes the module's input and applies the module's own q/k projections and rotary
-embedding, then softmax(q k^T / sqrt(d)) under the same causal (and sliding-window) mask. The
-model itself is not changed; the tests compare the weights with transformers' eager attention.
+which never materialises them). They are recomputed from what each attention module sees: a
+forward hook takes the module's input and asks the model for that layer's weights
+(``Transformer.attention_probs``: its own projections, norms, scale, rotary embedding and mask).
+The model itself is not changed; the tests compare the weights with transformers' eager attention.
 """
 
 from __future__ import annotations
@@ -153,31 +153,10 @@ class _AttentionProbe:
             handle.remove()
 
     def _hook(self, index: int):
-        def hook(module, args, output):
-            self.weights[index] = _attention_weights(self.model, module, args[0]).cpu()
+        def hook(module, args, output):  # args[0]: the attention's input (1, T, C)
+            self.weights[index] = self.model.attention_probs(index, args[0])[0].cpu()
 
         return hook
-
-
-def _attention_weights(model, attn, x: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) of one attention module for input x (1, T, C) -> (H, T, T)."""
-    from llmkit.model import apply_rope
-
-    c = model.config
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, attn.h, attn.d).float()
-    k = attn.k_proj(x).view(b, t, attn.hk, attn.d).float()
-    pos = torch.arange(t, device=x.device)
-    if attn.rot:
-        freqs = pos[:, None].float() * model.inv_freq  # the model's own rope, as its forward builds it
-        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-        q, k = apply_rope(q, cos, sin, attn.rot), apply_rope(k, cos, sin, attn.rot)
-    k = k.repeat_interleave(attn.h // attn.hk, dim=2)  # grouped-query: each kv head serves h/hk heads
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(attn.d)
-    allowed = pos[None, :] <= pos[:, None]
-    if c.sliding_window:
-        allowed = allowed & (pos[None, :] > pos[:, None] - c.sliding_window)
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)[0]
 
 
 # ------------------------------------------------------------------------------------ explain

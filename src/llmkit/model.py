@@ -247,7 +247,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, hk * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(c, hk * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(h * d, c, bias=config.attention_out_bias)
-        if config.qk_norm:  # over each head's D values (Qwen3, Gemma 3)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # over each head's D values (Qwen3, Gemma 3)
             self.q_norm = make_norm(config, d)
             self.k_norm = make_norm(config, d)
         self.h, self.hk, self.d = h, hk, d
@@ -262,7 +263,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = ops.linear((self.q_proj, self.k_proj, self.v_proj), x)
         q, k, v = q.view(b, t, self.h, self.d), k.view(b, t, self.hk, self.d), v.view(b, t, self.hk, self.d)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = ops.norm(self.q_norm, q), ops.norm(self.k_norm, k)
         if self.q_scale is not None:
             q = q * self.q_scale
@@ -431,14 +432,12 @@ class Transformer(nn.Module):
         return self.forward_many([(tokens, positions, slots)], cache, last_only)[0]
 
     def forward_many(self, batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-                     cache: KVCache | None = None, last_only: bool | list[bool] = False,
-                     ops: Ops = PLAIN) -> list[torch.Tensor]:
+                     cache: KVCache | None = None, last_only: bool = False, ops: Ops = PLAIN) -> list[torch.Tensor]:
         """Several batches, each (tokens (b, t), positions or None, slots or None) as ``forward``
         takes them, in one pass: the matmuls run once over all their rows (the weights are read
         once), attention per batch. How a prompt chunk (1, T) rides along with decode steps (B, 1).
-        Returns each batch's logits as ``forward`` would; ``last_only`` may be one flag per batch.
-        ``ops``: how the heavy operations run (see Ops; an executor passes its own)."""
-        lasts = last_only if isinstance(last_only, list) else [last_only] * len(batches)
+        Returns each batch's logits as ``forward`` would. ``ops``: how the heavy operations run
+        (see Ops; an executor passes its own)."""
         rope_on = self.config.position == "rope"
         groups = {kind: [] for kind in self.kinds}  # per layer kind: each batch's Rows
         ropes = {kind: [] for kind in self.kinds}
@@ -475,10 +474,10 @@ class Transformer(nn.Module):
             return ops.linear((self.lm_head,), ops.norm(self.norm, h))[0].float()
 
         if len(xs) == 1:
-            return [head(x[:, -1:] if lasts[0] else x)]
+            return [head(x[:, -1:] if last_only else x)]
         rows = groups[self.kinds[0]]
         outs = [x[0, g.start : g.start + g.b * g.t].view(g.b, g.t, -1) for g in rows]
-        outs = [o[:, -1:] if last else o for o, last in zip(outs, lasts)]
+        outs = [o[:, -1:] if last_only else o for o in outs]
         logits = head(torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]))
         return [part.view(o.shape[0], o.shape[1], -1)
                 for part, o in zip(logits.split([o.shape[0] * o.shape[1] for o in outs]), outs)]

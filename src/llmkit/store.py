@@ -86,7 +86,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             file="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             size=253113024,
-            description="Gemma 3 270M (Gemma 3 architecture), Q4_K_M GGUF",
+            description="Gemma 3 270M, pretrained (not instruction-tuned), Q4_K_M GGUF",
             license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
             aliases=("gemma3",),
         ),

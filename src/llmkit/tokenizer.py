@@ -311,11 +311,15 @@ class Tokenizer:
         return template
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, chat_template: str | None = None,
+                           end_of_turn: Iterable[str] = ()) -> Tokenizer:
         """Build the tokenizer a GGUF file describes.
 
         `meta` maps GGUF keys to values: `{key: field.contents() for key, field in GGUFReader(path).fields.items()}`.
         Supported `tokenizer.ggml.model` kinds: "gpt2" (byte-level BPE) and "llama" (SentencePiece BPE).
+        The model family's defaults, for files that lack them: `chat_template`, used when the file
+        has none; `end_of_turn`, texts of tokens that end generation as EOS does (as llama.cpp
+        recognises Gemma's `<end_of_turn>`).
         """
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -375,12 +379,17 @@ class Tokenizer:
         for key, value in meta.items():
             if key.startswith(prefix) and key != "tokenizer.chat_templates" and value is not None:
                 templates[key[len(prefix):]] = str(value)
+        if not templates and chat_template is not None:
+            templates["default"] = chat_template
         chat_template = templates if len(templates) > 1 or (templates and "default" not in templates) else (
             templates.get("default")
         )
 
         # End-of-turn tokens end generation as much as EOS does (llama.cpp's eot/eom ids).
         extra_eos = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
+        if end_of_turn:
+            turns = set(end_of_turn)
+            extra_eos += [i for i, (t, k) in enumerate(zip(tokens, types)) if t in turns and k in (_CONTROL, _USER_DEFINED)]
         return cls(
             backend,
             special_tokens=special,

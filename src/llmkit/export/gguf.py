@@ -5,8 +5,10 @@ Written with the ``gguf`` package's ``GGUFWriter``. What llama.cpp expects, and 
 * tensor names and metadata keys of llama.cpp's own converter (``blk.N.attn_q.weight``,
   ``llama.attention.head_count``, ...);
 * Llama q/k rows permuted to the interleaved rotary layout llama.cpp's rope kernel uses (the
-  inverse of ``formats.archs.unpermute_rope``); Qwen2 uses the NEOX (half-split) rope and is not
-  permuted; Mistral is written as ``llama``, as llama.cpp's converter does;
+  inverse of ``formats.archs.unpermute_rope``); Qwen2/3, Phi-3 and Gemma 3 use the NEOX
+  (half-split) rope and are not permuted; Mistral is written as ``llama``, as llama.cpp's converter
+  does; Phi-3's q/k/v and gate/up are fused as llama.cpp holds them (``attn_qkv``, a double
+  ``ffn_up``); Gemma's norm weights are written plus one (llama.cpp runs a plain RMSNorm);
 * the tokenizer as ``tokenizer.ggml.*`` (vocabulary, token types, merges, pre-tokenizer name,
   special ids) with the chat template, so a runtime needs no other file;
 * norms and biases kept in F32, and quantized tensors only where a row holds whole 32-value
@@ -21,6 +23,7 @@ written wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -31,14 +34,18 @@ import numpy as np
 import torch
 
 from llmkit.export import ExportError
-from llmkit.formats.archs import LLAMA_TO_GGUF, rename
+from llmkit.formats.archs import LLAMA_TO_GGUF, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, rename
+from llmkit.model import longrope_original_length, rope_attention_factor, rope_kind
 
 # --quantize value -> (GGML type of 2-D weights, general.file_type)
 QUANT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
                "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3)}
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+             "gemma3": "gemma3", "gpt2": "gpt2"}
 _PERMUTED = {"llama"}  # GGUF architectures whose q/k rows llama.cpp expects interleaved
+# Gemma 3 in llama.cpp: every sixth layer global, the others within the window with rope base 10000
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -54,30 +61,54 @@ def _check_model(config) -> str:
     arch = _GGUF_ARCH.get(config.architecture)
     if arch is None:
         raise ExportError(
-            f"the GGUF export knows llama, mistral, qwen2 and gpt2 models, not {config.architecture!r}; "
+            f"the GGUF export knows {', '.join(sorted(_GGUF_ARCH))} models, not {config.architecture!r}; "
             "a plugin can add an exporter for it through the register_exporters hook"
         )
-    if config.sliding_window and config.sliding_window < config.max_position_embeddings:
+    if arch == "gemma3":
+        _check_gemma3(config)  # its norms, windows, rope bases and scale
+    elif config.qk_norm and arch != "qwen3" or config.sandwich_norm or config.embed_scale \
+            or config.norm == "offset_rmsnorm" or config.attention_scale is not None:
+        raise ExportError(f"this {config.architecture} model has parts (q/k norms, Gemma-style norms or scales) "
+                          f"that GGUF's {arch} layout does not hold; export it as hf instead")
+    elif config.sliding_window and config.sliding_window < config.max_position_embeddings:
         raise ExportError(
             f"this model attends within a sliding window of {config.sliding_window} tokens, which llama.cpp's "
-            "GGUF llama architecture cannot hold (it would attend to the whole context and answer differently "
-            "past that length). Export it as hf or onnx instead."
+            f"GGUF {arch} architecture cannot hold (it would attend to the whole context and answer differently "
+            "past that length). Export it as hf instead."
         )
+    if arch in ("qwen3", "phi3", "gemma3") and (config.attention_bias or config.attention_out_bias or config.mlp_bias):
+        raise ExportError(f"this model has biases on its projections, which GGUF's {arch} layout does not hold; "
+                          "export it as hf instead")
     if arch == "llama" and (config.attention_bias or config.attention_out_bias or config.mlp_bias):
         raise ExportError("this Llama-family model has biases on its projections, which the GGUF llama layout "
                           "does not carry in a way every reader loads; export it as hf or onnx instead")
     if arch == "qwen2" and (config.attention_out_bias or config.mlp_bias):
         raise ExportError("this Qwen2 model has biases GGUF's qwen2 layout does not hold; export it as hf instead")
-    if config.partial_rotary_factor != 1.0 and arch != "gpt2":
+    if config.partial_rotary_factor != 1.0 and arch not in ("gpt2", "phi3"):
         raise ExportError("partial rotary embeddings (partial_rotary_factor < 1) are not written to GGUF here; "
                           "export as hf or onnx")
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind not in (None, "default", "linear"):
-        raise ExportError(f"rope scaling {kind!r} is not written to GGUF here (linear is); export as hf or onnx")
+    kind = rope_kind(config)
+    if kind not in ("default", "linear") and not (kind == "longrope" and arch == "phi3"):
+        raise ExportError(f"rope scaling {kind!r} is not written to GGUF here (linear is, and Phi-3's longrope); "
+                          "export as hf or onnx")
     if arch == "gpt2" and config.activation != "gelu_tanh":
         raise ExportError(f"GGUF's gpt2 layout assumes the tanh GELU; this model uses {config.activation!r}")
     return arch
+
+
+def _check_gemma3(config) -> None:
+    expected = ["full_attention" if (i + 1) % _GEMMA3_PATTERN == 0 else "sliding_attention"
+                for i in range(config.num_layers)]
+    actual = ["sliding_attention" if config.is_sliding(i) else "full_attention" for i in range(config.num_layers)]
+    if config.sliding_window and actual != expected:
+        raise ExportError("llama.cpp runs Gemma 3 with every sixth layer global and the others within the sliding "
+                          f"window; this model's layers are {actual}. Export it as hf instead")
+    if config.sliding_window and config.rope_local_theta not in (None, _GEMMA3_LOCAL_THETA):
+        raise ExportError(f"llama.cpp gives Gemma 3's sliding-window layers rope base {_GEMMA3_LOCAL_THETA:g}; this "
+                          f"model uses {config.rope_local_theta:g}. Export it as hf instead")
+    if config.attention_scale is not None and not math.isclose(config.attention_scale, config.head_dim ** -0.5):
+        raise ExportError("llama.cpp scales Gemma 3's attention by head_dim ** -0.5; this model's "
+                          "query_pre_attn_scalar differs from its head_dim. Export it as hf instead")
 
 
 # ------------------------------------------------------------------------------------ metadata
@@ -96,16 +127,24 @@ def _model_metadata(config, arch: str) -> dict[str, Any]:
     if c.head_dim != c.hidden_size // c.num_heads:
         meta[f"{arch}.attention.key_length"] = c.head_dim
         meta[f"{arch}.attention.value_length"] = c.head_dim
-    if c.norm == "rmsnorm":
+    if c.norm in ("rmsnorm", "offset_rmsnorm"):
         meta[f"{arch}.attention.layer_norm_rms_epsilon"] = float(c.norm_eps)
     else:
         meta[f"{arch}.attention.layer_norm_epsilon"] = float(c.norm_eps)
     if c.position == "rope":
         meta[f"{arch}.rope.freq_base"] = float(c.rope_theta)
         meta[f"{arch}.rope.dimension_count"] = c.rotary_dim
-        if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type")) == "linear":
+        if rope_kind(c) == "linear":
             meta[f"{arch}.rope.scaling.type"] = "linear"
             meta[f"{arch}.rope.scaling.factor"] = float(c.rope_scaling["factor"])
+    if arch == "gemma3":  # its local layers' window (the whole context when there is none)
+        meta["gemma3.attention.sliding_window"] = c.sliding_window or c.max_position_embeddings
+    if arch == "phi3":  # what llama.cpp's converter writes
+        meta["phi3.attention.sliding_window"] = 0
+        meta["phi3.rope.scaling.original_context_length"] = longrope_original_length(c) \
+            if rope_kind(c) == "longrope" else c.max_position_embeddings
+        if rope_kind(c) == "longrope":
+            meta["phi3.rope.scaling.attn_factor"] = float(rope_attention_factor(c))
     return meta
 
 
@@ -253,12 +292,20 @@ def _gguf_tensors(model, arch: str):
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if config.tie_embeddings or arch == "gpt2":  # gpt2 always ties: readers reuse token_embd
         state.pop("lm_head.weight", None)
+    if arch == "phi3" and rope_kind(config) == "longrope":
+        yield ROPE_FACTORS_LONG, torch.tensor(config.rope_scaling["long_factor"], dtype=torch.float32)
+        yield ROPE_FACTORS_SHORT, torch.tensor(config.rope_scaling["short_factor"], dtype=torch.float32)
     for name in list(state):
         m = re.fullmatch(r"layers\.(\d+)\.attn\.q_proj\.(weight|bias)", name)
-        if arch == "gpt2" and m:
+        if arch in ("gpt2", "phi3") and m:
             i, kind = m[1], m[2]
             fused = torch.cat([state.pop(f"layers.{i}.attn.{p}_proj.{kind}") for p in "qkv"], dim=0)
             yield f"blk.{i}.attn_qkv.{kind}", fused
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.mlp\.gate_proj\.weight", name)
+        if arch == "phi3" and m:  # gate rows, then up rows, in one ffn_up
+            fused = torch.cat([state.pop(f"layers.{m[1]}.mlp.{p}_proj.weight") for p in ("gate", "up")], dim=0)
+            yield f"blk.{m[1]}.ffn_up.weight", fused
             continue
         if name not in state:
             continue  # fused above
@@ -266,6 +313,8 @@ def _gguf_tensors(model, arch: str):
         new = rename(LLAMA_TO_GGUF, name)
         if new is None:
             raise ExportError(f"weight {name} has no place in GGUF's {arch} layout")
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + 1  # llama.cpp runs Gemma's (1 + weight) norms as plain ones
         if arch in _PERMUTED and re.search(r"attn_q\.", new):
             t = permute_rope(t, config.num_heads)
         elif arch in _PERMUTED and re.search(r"attn_k\.", new):

@@ -103,6 +103,15 @@ def _plain_float_model(model, fmt: str):
             f"the {fmt} export knows llmkit's Transformer; {type(model).__name__} (from a plugin's build_model) "
             "needs its own exporter, registered through the register_exporters hook"
         )
+    c = model.config
+    unusual = [what for what, on in (("q/k norms", c.qk_norm), ("norms after each sublayer", c.sandwich_norm),
+                                     ("Gemma's norms and embedding scale", c.embed_scale or c.norm == "offset_rmsnorm"),
+                                     ("its own attention scale", c.attention_scale is not None),
+                                     ("layers with different attention windows", c.layer_types is not None),
+                                     ("LongRoPE", (c.rope_scaling or {}).get("rope_type") == "longrope")) if on]
+    if unusual:
+        raise ExportError(f"the {fmt} export does not yet write {c.architecture}'s layer ({', '.join(unusual)}); "
+                          "export it as hf or gguf instead")
     params = list(model.parameters())
     if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
         return model

@@ -8,6 +8,7 @@ can also supply ``build_model``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -32,6 +33,9 @@ class Architecture:
     # the way back, for saving in HF format: ModelConfig -> config.json, llmkit names -> HF names
     config_to_hf: Callable[[ModelConfig], dict[str, Any]] | None = None
     weights_to_hf: Callable[[ModelConfig, Tensors], Tensors] | None = None
+    # the family's own chat template and end-of-turn tokens, for GGUF files that lack them
+    chat_template: str | None = None
+    end_of_turn: tuple[str, ...] = ()
 
 
 def get_architecture(name: str) -> Architecture:
@@ -58,13 +62,51 @@ def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
+_HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _activation(name: str) -> str:
+    if name not in _HF_ACTIVATIONS:
+        raise UnsupportedArchitectureError(f"activation {name!r} is not supported; llmkit runs "
+                                           f"{', '.join(sorted(_HF_ACTIVATIONS))}")
+    return _HF_ACTIVATIONS[name]
+
+
+def _windows_from_hf(cfg: dict[str, Any]) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types): the window, and which layers use it when not all do."""
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if types is None and window and cfg.get("model_type") in ("qwen2", "qwen3") and "max_window_layers" in cfg:
+        types = ["sliding_attention" if i >= cfg["max_window_layers"] else "full_attention"
+                 for i in range(cfg["num_hidden_layers"])]
+    if not window or types is None or set(types) == {"sliding_attention"}:
+        return window or None, None
+    if "sliding_attention" not in types:
+        return None, None
+    return window, list(types)
+
+
+def _longrope_from_hf(cfg: dict[str, Any], scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Phi-3's rope scaling with the original context it needs (4.x configs keep that at the top)."""
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+        return scaling
+    keep = ("short_factor", "long_factor", "factor", "attention_factor", "original_max_position_embeddings")
+    out = {"rope_type": "longrope", **{k: scaling[k] for k in keep if scaling.get(k) is not None}}
+    out.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings")
+                   or cfg.get("max_position_embeddings"))
+    return out
+
+
 def _llama_family_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     theta, scaling = _rope_from_hf(cfg)
     model_type = cfg.get("model_type", "llama")
     heads = cfg["num_attention_heads"]
-    window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-        window = None
+    window, layer_types = _windows_from_hf(cfg)
+    partial = cfg.get("partial_rotary_factor") or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if model_type == "phi3":
+        scaling = _longrope_from_hf(cfg, scaling)
     return ModelConfig(
         architecture=model_type,
         vocab_size=cfg["vocab_size"],
@@ -76,17 +118,74 @@ def _llama_family_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        activation={"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}[
-            cfg.get("hidden_act", "silu")
-        ],
+        activation=_activation(cfg.get("hidden_act", "silu")),
         rope_theta=theta,
         rope_scaling=scaling,
-        partial_rotary_factor=cfg.get("partial_rotary_factor", 1.0),
+        partial_rotary_factor=partial or 1.0,
         attention_bias=True if model_type == "qwen2" else cfg.get("attention_bias", False),
         attention_out_bias=False if model_type == "qwen2" else cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),
+        qk_norm=model_type == "qwen3",
         tie_embeddings=cfg.get("tie_word_embeddings", False),
         sliding_window=window,
+        layer_types=layer_types,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+    )
+
+
+def _gemma3_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    if "text_config" in cfg:
+        raise UnsupportedArchitectureError(
+            "this is Gemma 3's multimodal checkpoint (Gemma3ForConditionalGeneration); llmkit runs the text "
+            "model: a Gemma3ForCausalLM checkpoint (model_type gemma3_text), or the model's GGUF file")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+        if cfg.get(key):
+            raise UnsupportedArchitectureError(f"this Gemma 3 checkpoint sets {key}, which llmkit does not run")
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: rope settings per kind of layer
+        full, local = dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
+        theta, local_theta = full.pop("rope_theta", 1_000_000.0), local.get("rope_theta", 10_000.0)
+        scaling = full if full.get("rope_type", "default") != "default" else None
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedArchitectureError("rope scaling on Gemma 3's sliding-window layers is not supported")
+    else:  # transformers 4.x
+        theta, local_theta = cfg.get("rope_theta", 1_000_000.0), cfg.get("rope_local_base_freq", 10_000.0)
+        scaling = cfg.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            scaling = None
+    layers = cfg["num_hidden_layers"]
+    pattern = cfg.get("sliding_window_pattern", 6)
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                       for i in range(layers)]
+    window, layer_types = _windows_from_hf({**cfg, "layer_types": types})
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return ModelConfig(
+        architecture="gemma3",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        norm="offset_rmsnorm",
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        sandwich_norm=True,
+        qk_norm=True,
+        embed_scale=True,
+        activation=_activation(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rope_local_theta=float(local_theta),
+        attention_bias=cfg.get("attention_bias", False),
+        attention_out_bias=cfg.get("attention_bias", False),
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+        sliding_window=window,
+        layer_types=layer_types,
+        attention_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
     )
@@ -130,6 +229,17 @@ _LLAMA_HF_NAMES = [
     *[(f"model.layers.{{i}}.mlp.{x}_proj.{{p}}", f"layers.{{i}}.mlp.{x}_proj.{{p}}") for x in ("gate", "up", "down")],
     ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.weight"),  # Qwen3
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.weight"),
+]
+# Gemma 3: "post_attention_layernorm" norms the attention's output (Llama's name for the norm
+# before the MLP); the MLP has a norm before and after.
+_GEMMA3_HF_NAMES = [
+    *[pair for pair in _LLAMA_HF_NAMES if "layernorm" not in pair[0]],
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.attn_out_norm.weight"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.mlp_out_norm.weight"),
 ]
 # GPT-2 without the "transformer." prefix; its fused c_attn is split and joined by hand
 _GPT2_HF_NAMES = [
@@ -155,6 +265,7 @@ def _name_rules(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tup
 
 
 _LLAMA_HF = _name_rules(_LLAMA_HF_NAMES)
+_GEMMA3_HF = _name_rules(_GEMMA3_HF_NAMES)
 _GPT2_HF = _name_rules(_GPT2_HF_NAMES)
 _IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
 
@@ -167,16 +278,40 @@ def rename(rules: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
-def _llama_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+def _llama_weights_from_hf(config: ModelConfig, tensors: Tensors, rules=_LLAMA_HF) -> Tensors:
     for name, t in tensors:
         if _IGNORED.match(name):
             continue
-        new = rename(_LLAMA_HF, name)
+        new = rename(rules, name)
         if new is None:
             raise KeyError(name)
         if new == "lm_head.weight" and config.tie_embeddings:
             continue
         yield new, t
+
+
+def _gemma3_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    return _llama_weights_from_hf(config, tensors, _GEMMA3_HF)
+
+
+def _qkv_sizes(config: ModelConfig) -> list[int]:
+    d = config.head_dim
+    return [config.num_heads * d, config.num_kv_heads * d, config.num_kv_heads * d]
+
+
+def _phi3_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    """Phi-3 keeps q, k, v in one qkv_proj and gate, up in one gate_up_proj: split by rows."""
+    def split(tensors):
+        for name, t in tensors:
+            if m := re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", name):
+                for proj, part in zip("qkv", t.split(_qkv_sizes(config))):
+                    yield f"model.layers.{m[1]}.self_attn.{proj}_proj.weight", part
+            elif m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", name):
+                for proj, part in zip(("gate", "up"), t.chunk(2)):
+                    yield f"model.layers.{m[1]}.mlp.{proj}_proj.weight", part
+            else:
+                yield name, t
+    return _llama_weights_from_hf(config, split(tensors))
 
 
 def _gpt2_weights_from_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
@@ -241,6 +376,66 @@ def _llama_family_from_gguf(meta: dict[str, Any], arch: str) -> ModelConfig:
     )
 
 
+def _qwen3_from_gguf(meta: dict[str, Any]) -> ModelConfig:
+    config = _llama_family_from_gguf(meta, "qwen3")
+    config.qk_norm = True
+    return config
+
+
+def _phi3_from_gguf(meta: dict[str, Any]) -> ModelConfig:
+    # The file's phi3.attention.sliding_window is not applied, as llama.cpp and transformers do not
+    # apply it to Phi-3 GGUF files: llmkit reads a file as they run it.
+    config = _llama_family_from_gguf(meta, "phi3")
+    long, short = meta.get(ROPE_FACTORS_LONG), meta.get(ROPE_FACTORS_SHORT)
+    if long is not None and short is not None:  # LongRoPE (the 128k-context models)
+        config.rope_scaling = {
+            "rope_type": "longrope", "long_factor": list(long), "short_factor": list(short),
+            "original_max_position_embeddings": int(meta.get("phi3.rope.scaling.original_context_length")
+                                                    or config.max_position_embeddings),
+        }
+        if meta.get("phi3.rope.scaling.attn_factor") is not None:
+            config.rope_scaling["attention_factor"] = float(meta["phi3.rope.scaling.attn_factor"])
+    return config
+
+
+def _gemma3_from_gguf(meta: dict[str, Any]) -> ModelConfig:
+    common = _gguf_common(meta, "gemma3")
+    layers, heads = common["num_layers"], common["num_heads"]
+    # llama.cpp's defaults where the file is silent: every sixth layer global, the local layers'
+    # rope base 10000, and attention scaled by head_dim ** -0.5 (by (hidden / heads) ** -0.5 in
+    # the 62-layer 27B model, whose query_pre_attn_scalar is that)
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    sliding = [bool(x) for x in pattern] if isinstance(pattern, list) else \
+        [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    types = ["sliding_attention" if x else "full_attention" for x in sliding]
+    window = meta.get("gemma3.attention.sliding_window")
+    if not window or all(sliding):
+        types = None
+    window = int(window) if window and any(sliding) else None
+    scale = meta.get("gemma3.attention.scale")
+    if scale is None:
+        scale = (common["hidden_size"] / heads if layers == 62 else common["head_dim"]) ** -0.5
+    scaling = None
+    if meta.get("gemma3.rope.scaling.type") == "linear" and float(meta.get("gemma3.rope.scaling.factor", 1.0)) != 1.0:
+        scaling = {"rope_type": "linear", "factor": float(meta["gemma3.rope.scaling.factor"])}
+    return ModelConfig(
+        architecture="gemma3",
+        norm="offset_rmsnorm",
+        norm_eps=float(meta.get("gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
+        sandwich_norm=True,
+        qk_norm=True,
+        embed_scale=True,
+        activation="gelu_tanh",
+        rope_theta=float(meta.get("gemma3.rope.freq_base", 1_000_000.0)),
+        rope_scaling=scaling,
+        rope_local_theta=float(meta.get("gemma3.rope.freq_base_swa", 10_000.0)),
+        sliding_window=window,
+        layer_types=types,
+        attention_scale=float(scale),
+        **common,
+    )
+
+
 def _gpt2_from_gguf(meta: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         architecture="gpt2",
@@ -273,7 +468,15 @@ _LLAMA_GGUF_NAMES = [
     ("blk.{i}.ffn_gate.{p}", "layers.{i}.mlp.gate_proj.{p}"),
     ("blk.{i}.ffn_up.{p}", "layers.{i}.mlp.up_proj.{p}"),
     ("blk.{i}.ffn_down.{p}", "layers.{i}.mlp.down_proj.{p}"),
+    ("blk.{i}.attn_q_norm.{p}", "layers.{i}.attn.q_norm.{p}"),  # Qwen3, Gemma 3
+    ("blk.{i}.attn_k_norm.{p}", "layers.{i}.attn.k_norm.{p}"),
+    ("blk.{i}.post_attention_norm.{p}", "layers.{i}.attn_out_norm.{p}"),  # Gemma 3
+    ("blk.{i}.post_ffw_norm.{p}", "layers.{i}.mlp_out_norm.{p}"),
 ]
+# Tensors that hold settings, not weights: LongRoPE's factors (Phi-3). The GGUF reader puts them
+# into the metadata the config is derived from.
+ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
+SETTING_TENSORS = (ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
 
 
 _LLAMA_GGUF = _name_rules(_LLAMA_GGUF_NAMES)  # GGUF -> llmkit (reading)
@@ -294,7 +497,8 @@ def _llama_weights_from_gguf(config: ModelConfig, tensors: Tensors, permuted: bo
     for name, t in tensors:
         new = rename(_LLAMA_GGUF, name)
         if new is None:
-            if name.startswith("rope_freqs"):  # llama3 scaling factors: we recompute from config
+            # llama3 scaling factors: recomputed from the config; LongRoPE's: read into it
+            if name.startswith("rope_freqs") or name in SETTING_TENSORS:
                 continue
             raise KeyError(name)
         if permuted and new.endswith(("q_proj.weight", "q_proj.bias")):
@@ -302,6 +506,29 @@ def _llama_weights_from_gguf(config: ModelConfig, tensors: Tensors, permuted: bo
         elif permuted and new.endswith(("k_proj.weight", "k_proj.bias")):
             t = unpermute_rope(t, config.num_kv_heads)
         yield new, t
+
+
+def _phi3_weights_from_gguf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    """llama.cpp keeps Phi-3's fused attn_qkv, and its fused gate/up as ffn_up: split by rows
+    (whole rows: quantized blocks split the same way)."""
+    def split(tensors):
+        for name, t in tensors:
+            if m := re.fullmatch(r"blk\.(\d+)\.attn_qkv\.weight", name):
+                for proj, part in zip("qkv", t.split(_qkv_sizes(config))):
+                    yield f"blk.{m[1]}.attn_{proj}.weight", part
+            elif (m := re.fullmatch(r"blk\.(\d+)\.ffn_up\.weight", name)) and t.shape[0] == 2 * config.intermediate_size:
+                gate, up = t.chunk(2)
+                yield f"blk.{m[1]}.ffn_gate.weight", gate
+                yield f"blk.{m[1]}.ffn_up.weight", up
+            else:
+                yield name, t
+    return _llama_weights_from_gguf(config, split(tensors), permuted=False)
+
+
+def _gemma3_weights_from_gguf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    """llama.cpp's converter stores Gemma's norm weights plus one (it runs a plain RMSNorm)."""
+    for name, t in _llama_weights_from_gguf(config, tensors, permuted=False):
+        yield name, (t - 1 if name.endswith("norm.weight") else t)
 
 
 def _gpt2_weights_from_gguf(config: ModelConfig, tensors: Tensors) -> Tensors:
@@ -320,7 +547,8 @@ def _gpt2_weights_from_gguf(config: ModelConfig, tensors: Tensors) -> Tensors:
 
 # ---------------------------------------------------------------- llmkit -> HF (saving)
 
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
@@ -347,9 +575,22 @@ def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
     }
     if c.partial_rotary_factor != 1.0:
         cfg["partial_rotary_factor"] = c.partial_rotary_factor
-    if c.architecture == "qwen2":
+    if c.layer_types is not None and c.architecture not in ("qwen2", "qwen3"):
+        raise UnsupportedArchitectureError(f"{c.architecture} in HF format has no per-layer attention windows")
+    if c.architecture in ("qwen2", "qwen3"):
         cfg["use_sliding_window"] = c.sliding_window is not None
         cfg["sliding_window"] = c.sliding_window
+        if c.sliding_window is not None:  # which layers: explicitly (transformers' default is by max_window_layers)
+            cfg["layer_types"] = _layer_types(c)
+            cfg["max_window_layers"] = cfg["layer_types"].index("sliding_attention")
+        if c.architecture == "qwen3":
+            cfg["attention_bias"] = c.attention_bias
+    elif c.architecture == "phi3":
+        if c.attention_bias or c.mlp_bias:
+            raise UnsupportedArchitectureError("Phi-3 in HF format has no biases on its projections")
+        cfg["sliding_window"] = c.sliding_window
+        if (c.rope_scaling or {}).get("rope_type") == "longrope":
+            cfg["original_max_position_embeddings"] = c.rope_scaling["original_max_position_embeddings"]
     else:
         cfg["attention_bias"] = c.attention_bias
         cfg["mlp_bias"] = c.mlp_bias
@@ -358,18 +599,73 @@ def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
     return cfg
 
 
+def _layer_types(c: ModelConfig) -> list[str]:
+    return ["sliding_attention" if c.is_sliding(i) else "full_attention" for i in range(c.num_layers)]
+
+
+def _gemma3_to_hf(c: ModelConfig) -> dict[str, Any]:
+    full = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
+    local = {"rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}
+    scalar = c.head_dim if c.attention_scale is None else c.attention_scale ** -2
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.norm_eps,
+        "hidden_activation": _HF_ACT[c.activation],
+        "query_pre_attn_scalar": round(scalar) if math.isclose(scalar, round(scalar)) else scalar,
+        "sliding_window": c.sliding_window or c.max_position_embeddings,
+        "layer_types": _layer_types(c),
+        "rope_parameters": {"full_attention": full, "sliding_attention": local},
+        "attention_bias": c.attention_bias,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "torch_dtype": "float32",
+    }
+
+
 _LLAMA_TO_HF = _name_rules(_LLAMA_HF_NAMES, reverse=True)
+_GEMMA3_TO_HF = _name_rules(_GEMMA3_HF_NAMES, reverse=True)
 _GPT2_TO_HF = _name_rules(_GPT2_HF_NAMES, reverse=True)
 
 
-def _llama_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+def _llama_weights_to_hf(config: ModelConfig, tensors: Tensors, rules=_LLAMA_TO_HF) -> Tensors:
     for name, t in tensors:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        new = rename(_LLAMA_TO_HF, name)
+        new = rename(rules, name)
         if new is None:
             raise KeyError(name)
         yield new, t
+
+
+def _gemma3_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    return _llama_weights_to_hf(config, tensors, _GEMMA3_TO_HF)
+
+
+def _phi3_weights_to_hf(config: ModelConfig, tensors: Tensors) -> Tensors:
+    """q, k, v joined into qkv_proj and gate, up into gate_up_proj, as Phi-3 checkpoints hold them
+    (a KeyError for a part without its partners: such a layer alone has no HF counterpart)."""
+    state = dict(tensors)
+    for name in list(state):
+        if name not in state:
+            continue  # joined with its partners already
+        if m := re.fullmatch(r"layers\.(\d+)\.attn\.([qkv])_proj\.weight", name):
+            parts = [state.pop(f"layers.{m[1]}.attn.{p}_proj.weight") for p in "qkv"]
+            yield f"model.layers.{m[1]}.self_attn.qkv_proj.weight", torch.cat(parts)
+        elif m := re.fullmatch(r"layers\.(\d+)\.mlp\.(gate|up)_proj\.weight", name):
+            parts = [state.pop(f"layers.{m[1]}.mlp.{p}_proj.weight") for p in ("gate", "up")]
+            yield f"model.layers.{m[1]}.mlp.gate_up_proj.weight", torch.cat(parts)
+        else:
+            yield from _llama_weights_to_hf(config, [(name, state.pop(name))])
 
 
 def _gpt2_to_hf(c: ModelConfig) -> dict[str, Any]:
@@ -424,11 +720,83 @@ def _llama_family(name: str, permuted: bool) -> Architecture:
     )
 
 
+# Gemma's chat format (the template its tokenizer ships): no system role (a system message
+# prefixes the first user turn), "model" for the assistant, turns closed by <end_of_turn>.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+_PHI3 = Architecture(
+    name="phi3",
+    config_from_hf=_llama_family_from_hf,
+    config_from_gguf=_phi3_from_gguf,
+    weights_from_hf=_phi3_weights_from_hf,
+    weights_from_gguf=_phi3_weights_from_gguf,
+    config_to_hf=_llama_family_to_hf,
+    weights_to_hf=_phi3_weights_to_hf,
+)
+_GEMMA3 = Architecture(
+    name="gemma3",
+    config_from_hf=_gemma3_from_hf,
+    config_from_gguf=_gemma3_from_gguf,
+    weights_from_hf=_gemma3_weights_from_hf,
+    weights_from_gguf=_gemma3_weights_from_gguf,
+    config_to_hf=_gemma3_to_hf,
+    weights_to_hf=_gemma3_weights_to_hf,
+    chat_template=GEMMA3_CHAT_TEMPLATE,
+    end_of_turn=("<end_of_turn>",),
+)
+_QWEN3 = _llama_family("qwen3", permuted=False)
+_QWEN3.config_from_gguf = _qwen3_from_gguf
+
 BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
-    # llama.cpp's converter permutes q/k rows for Llama and Mistral, not for Qwen2 (NEOX rope)
+    # llama.cpp's converter permutes q/k rows for Llama and Mistral, not for the NEOX-rope families
+    # (Qwen2/3, Phi-3, Gemma 3)
     "llama": _llama_family("llama", permuted=True),
     "mistral": _llama_family("mistral", permuted=True),
     "qwen2": _llama_family("qwen2", permuted=False),
+    "qwen3": _QWEN3,
+    "phi3": _PHI3,
+    "gemma3": _GEMMA3,  # HF's model_type for the text model is gemma3_text; "gemma3" is multimodal
+    "gemma3_text": _GEMMA3,
     "gpt2": Architecture(
         name="gpt2",
         config_from_hf=_gpt2_from_hf,

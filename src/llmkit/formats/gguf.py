@@ -56,9 +56,12 @@ def _read_errors(path: Path) -> Iterator[None]:
 
 
 def _header(f: GGUFFile, path: Path):
-    from llmkit.formats.archs import get_architecture
+    from llmkit.formats.archs import SETTING_TENSORS, get_architecture
 
-    meta = f.metadata
+    meta = dict(f.metadata)
+    for info in f.tensors:  # small tensors that are settings (LongRoPE's factors): part of the config
+        if info.name in SETTING_TENSORS:
+            meta[info.name] = f.tensor(info).flatten().tolist()
     arch_name = meta.get("general.architecture")
     if arch_name is None:
         raise ModelFormatError(f"{path}: GGUF metadata has no general.architecture")
@@ -81,14 +84,20 @@ def _header(f: GGUFFile, path: Path):
     return arch, config
 
 
-def read_gguf_header(path: Path):
-    """(ModelConfig, Tokenizer) from the metadata alone, without reading any weights."""
+def _tokenizer(f: GGUFFile, arch):
+    """The file's tokenizer, with the family's chat template and end-of-turn tokens where it
+    lacks its own."""
     from llmkit.tokenizer import Tokenizer
 
+    return Tokenizer.from_gguf_metadata(f.metadata, chat_template=arch.chat_template, end_of_turn=arch.end_of_turn)
+
+
+def read_gguf_header(path: Path):
+    """(ModelConfig, Tokenizer) from the metadata alone, without reading any weights."""
     f = GGUFFile(path)
     with _read_errors(path):
-        _, config = _header(f, path)
-        return config, Tokenizer.from_gguf_metadata(f.metadata)
+        arch, config = _header(f, path)
+        return config, _tokenizer(f, arch)
 
 
 def read_gguf(path: Path, dtype: torch.dtype, device, keep_quantized: Callable[[int], bool] | None = None):
@@ -96,7 +105,6 @@ def read_gguf(path: Path, dtype: torch.dtype, device, keep_quantized: Callable[[
     the types it accepts stay in their block format (``Checkpoint.quantized``, by parameter name),
     their parameters left unallocated in the model; everything else is dequantized to ``dtype``."""
     from llmkit.formats import Checkpoint, QuantizedTensor, build_model
-    from llmkit.tokenizer import Tokenizer
 
     f = GGUFFile(path)
     with _read_errors(path):
@@ -115,8 +123,8 @@ def read_gguf(path: Path, dtype: torch.dtype, device, keep_quantized: Callable[[
                     last[0] = name
                     yield name, t
             for name, t in mapped(source()):
-                if last[0] in kept:
-                    quantized[name] = QuantizedTensor(t, kept[last[0]], tuple(shapes[last[0]]))
+                if last[0] in kept:  # whole rows of it, when the family splits a fused matrix (Phi-3)
+                    quantized[name] = QuantizedTensor(t, kept[last[0]], (t.shape[0], shapes[last[0]][-1]))
                 else:
                     yield name, t
 
@@ -126,5 +134,5 @@ def read_gguf(path: Path, dtype: torch.dtype, device, keep_quantized: Callable[[
             if tuple(model.get_parameter(name).shape) != q.shape:
                 raise ModelFormatError(f"{path}: tensor {name} has shape {q.shape}, expected "
                                        f"{tuple(model.get_parameter(name).shape)}")
-        tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
+        tokenizer = _tokenizer(f, arch)
     return Checkpoint(config=config, model=model, tokenizer=tokenizer, path=path, format="gguf", quantized=quantized)

@@ -84,7 +84,10 @@ def save_hf(model: torch.nn.Module, tokenizer, folder: str | Path, *, dtype: tor
         state = {k: v.detach() for k, v in model.state_dict().items()}
         weights = {name: t.to(dtype).contiguous().cpu() for name, t in arch.weights_to_hf(config, iter(state.items()))}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(arch.config_to_hf(config), indent=2) + "\n")
+        hf_config = arch.config_to_hf(config)
+        # the tokenizer's padding id (or none), where transformers would assume its own (Phi-3: 32000)
+        hf_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         eos = sorted(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else config.eos_token_id
         generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
