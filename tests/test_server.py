@@ -726,13 +726,9 @@ def test_the_request_time_limit_cancels_and_answers_504(slow):
         assert metric(base, "llmkit:request_success_total", finished_reason="abort") == 2
 
 
-def test_serving_auto_executor_is_torch_bfloat16_only_where_the_cpu_has_it():
-    import torch
-
-    from llmkit.api import cpu_has_native_bf16
+def test_serving_runs_the_same_default_as_load():
     from llmkit.server import serving_executor
 
     assert serving_executor("llama.cpp", None) == ("llama.cpp", None)
     assert serving_executor("auto", "float32") == ("auto", "float32")
-    native = cpu_has_native_bf16() and not torch.cuda.is_available()
-    assert serving_executor("auto", None) == (("torch", "bfloat16") if native else ("auto", None))
+    assert serving_executor("auto", None) == ("auto", None)  # what llmkit.load picks by itself

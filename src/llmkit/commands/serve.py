@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from click.core import ParameterSource
 
@@ -17,7 +19,8 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
               help="Require this key (Authorization: Bearer KEY) on every route but /health. Prefer setting "
                    "LLMKIT_API_KEY: a key on the command line shows in `ps` to every user of the machine.")
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the -m value).")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+@click.option("--quantize", type=click.Choice(["none", "q8_0", "q4_0", "q4_k", "int8", "int4"]), default="none",
+              show_default=True,
               help="Weight-only quantization at load (CPU): faster decoding, slightly lower quality.")
 @executor_option
 @dtype_option
@@ -46,6 +49,15 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
               help="Open connections served at once; more are answered 503.")
 @click.option("--body-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds a client has to send its request body (408 beyond).")
+@click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True,
+              help="Do not keep earlier prompts' keys and values for reuse (on by default).")
+@click.option("--prefix-cache-mb", type=click.IntRange(1, None), default=None,
+              help="Memory bound of the prefix cache (default: a tenth of the memory available, 64-2048 MB).")
+@click.option("--no-speculative", "no_speculative", is_flag=True,
+              help="Do not speculate by prompt lookup (on by default while few requests decode).")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+              help="Serve a LoRA adapter (a PEFT folder) beside the model; clients pick it with "
+                   "\"model\": \"NAME\". Repeatable.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @friendly_errors
@@ -53,6 +65,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
           executor: str, dtype: str | None, max_batch: int, max_queue: int, default_max_tokens: int,
           request_timeout: float, drain_timeout: float, max_body_mb: float, allow_origins: tuple[str, ...],
           allow_hosts: tuple[str, ...], max_request_tokens: int, max_connections: int, body_timeout: float,
+          no_prefix_cache: bool, prefix_cache_mb: int | None, no_speculative: bool, loras: tuple[str, ...],
           log_level: str) -> None:
     """Serve a model over HTTP with an OpenAI-compatible API and a chat page.
 
@@ -60,9 +73,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     /detokenize, /health, /ready, /metrics (Prometheus), / (chat page in the browser), /docs (OpenAPI).
     Request bodies are JSON with Content-Type: application/json. Set the API key with the
     LLMKIT_API_KEY environment variable rather than --api-key, which other users see in `ps`.
-    Many clients are served at once: their requests share each decoding step. With --executor auto,
-    a CPU that multiplies bfloat16 natively serves on llmkit's torch model in bfloat16 (more tokens/s
-    for many clients); elsewhere GGUF files run on llama.cpp when it is installed.
+    Many clients are served at once: their requests share each decoding step. The model runs in the
+    same default configuration as `llmkit generate` and `llmkit.load` (GGUF files on llmkit's own
+    block kernels), with a prefix cache and speculation by prompt lookup unless turned off.
 
     \b
     Example:
@@ -79,6 +92,15 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     # fail before binding the port, not seconds later in the loading thread
     if not store.is_catalogue_name(model):
         store.resolve(model)
+    adapters = {}
+    for spec in loras:
+        adapter, sep, path = spec.partition("=")
+        if not sep or not adapter or not path:
+            raise click.BadParameter(f"{spec!r}: give NAME=PATH (a PEFT adapter folder)", param_hint="--lora")
+        if not Path(path, "adapter_config.json").exists():
+            raise click.BadParameter(f"{path}: no adapter_config.json there (a PEFT LoRA adapter folder)",
+                                     param_hint="--lora")
+        adapters[adapter] = path
     name = served_model_name or model
     aliases = tuple(a for a in {model, str(model).rstrip("/").rsplit("/", 1)[-1]} if a != name)
     config = ServerConfig(model_name=name, aliases=aliases, api_key=api_key or None, max_batch=max_batch,
@@ -94,8 +116,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     runs_on = f"executor {executor}" + (f", {dtype}" if dtype else "")
     click.echo(f"llmkit: loading {model} ({runs_on}); serving on http://{host}:{port} "
                "(chat page at /, API docs at /docs)", err=True)
+    cache: bool | int = False if no_prefix_cache else (prefix_cache_mb * 2**20 if prefix_cache_mb else True)
     run(model, host=host, port=port, quantize=quantize, executor=executor, dtype=dtype, config=config,
-        log_level=log_level)
+        log_level=log_level, prefix_cache=cache, speculative=not no_speculative, adapters=adapters)
 
 
 COMMANDS = [serve]

@@ -14,23 +14,15 @@ __all__ = ["ServerConfig", "create_app", "serve", "serving_executor"]
 
 
 def serving_executor(executor: str, dtype: str | None) -> tuple[str, str | None]:
-    """What "auto" means for a server: on a CPU that multiplies bfloat16 natively, llmkit's torch
-    model in bfloat16, which serves many clients at once with more output tokens per second and a
-    shorter time to first token than llama.cpp's batched quantized matmul (bench/serve_bench.py
-    measures both). One stream decodes faster on llama.cpp, so ``llmkit generate`` and ``chat``
-    keep it; ``--executor llama.cpp`` keeps it here."""
-    import torch
-
-    from llmkit.api import cpu_has_native_bf16
-
-    if executor == "auto" and dtype in (None, "auto") and not torch.cuda.is_available() and cpu_has_native_bf16():
-        return "torch", "bfloat16"
+    """What the server runs: the same default configuration as ``llmkit.load`` (GGUF files on
+    llmkit's block kernels, other models in float32, or what ``--executor``/``--dtype`` ask for)."""
     return executor, dtype
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: str = "none",
           executor: str = "auto", dtype: str | None = None, config: ServerConfig | None = None,
-          log_level: str = "info") -> int:
+          log_level: str = "info", prefix_cache: bool | int = True, speculative: bool = True,
+          adapters: dict[str, str] | None = None) -> int:
     """Load ``model`` (in a background thread) and serve it until SIGTERM/SIGINT; return an exit code.
 
     On the signal the server stops accepting connections, answers /ready with 503, and gives the
@@ -48,8 +40,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: st
     def load():
         import llmkit
 
-        return llmkit.load(model, quantize=quantize, executor=executor, dtype=dtype,
-                           max_batch=config.max_batch, progress=False)
+        return llmkit.load(model, quantize=quantize, executor=executor, dtype=dtype, max_batch=config.max_batch,
+                           prefix_cache=prefix_cache, speculative=speculative, adapters=adapters, progress=False)
 
     server: uvicorn.Server | None = None
 

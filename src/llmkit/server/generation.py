@@ -94,14 +94,24 @@ class Generation:
         if event.finish_reason is not None:
             self.finish[i] = event.finish_reason
 
+    async def _events(self, run: Run):
+        self.handles = run.handles  # what the engine says of each choice: cached prompt tokens
+        async for i, event in run.events():
+            yield i, event
+
     def usage(self) -> dict:
         prompt = sum(self.prompt_lens)
         completion = sum(self.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        handles = getattr(self, "handles", None)
+        if handles:  # as OpenAI reports prompt caching: per prompt, the tokens its choices reused
+            out["prompt_tokens_details"] = {"cached_tokens": sum(
+                max(h.cached_tokens for h in handles[p * self.n : (p + 1) * self.n]) for p in range(len(self.prompt_lens)))}
+        return out
 
     async def collect(self, run: Run) -> None:
         try:
-            async for i, event in run.events():
+            async for i, event in self._events(run):
                 self._record(i, event)
         except ClientGone:
             pass
@@ -154,7 +164,7 @@ class Generation:
         splitters = [tools.StreamSplitter(self.tools) if self.tools else None for _ in self.texts]
         for i in range(len(self.texts)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, event in run.events():
+        async for i, event in self._events(run):
             self._record(i, event)
             text = splitters[i].feed(event.text) if splitters[i] else event.text
             if text or (with_logprobs and event.token is not None):
@@ -226,7 +236,7 @@ class Generation:
                 yield self._chunk("text_completion", [{"index": i, "text": prefix, "logprobs": logprobs,
                                                        "finish_reason": None if run else "length"}], include_usage)
         if run is not None:
-            async for i, event in run.events():
+            async for i, event in self._events(run):
                 self._record(i, event)
                 if event.text or (with_logprobs and event.token is not None) or event.finish_reason:
                     logprobs = None

@@ -58,6 +58,22 @@ class Metrics:
         self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before generating, by reason.",
                                 ["reason"], registry=r)
 
+        def cache(attr: str) -> Callable[[], float]:
+            return lambda: getattr(getattr(engine(), "prefix_cache", None), attr, 0)
+
+        for name, attr, doc in (("prefix_cache_queries", "queries", "Prompts looked up in the prefix cache."),
+                                ("prefix_cache_hits", "hits", "Prompts that reused cached keys and values."),
+                                ("prefix_cache_tokens_reused", "tokens_reused", "Prompt tokens taken from the prefix cache."),
+                                ("prefix_cache_bytes", "bytes", "Memory the prefix cache holds.")):
+            Gauge(PREFIX + name, doc + " (engine-wide)", registry=r).set_function(cache(attr))
+        hit_rate = Gauge(PREFIX + "prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the "
+                         "prefix cache (engine-wide).", registry=r)
+        hit_rate.set_function(lambda: cache("tokens_reused")() / max(cache("tokens_queried")(), 1))
+        for name, attr, doc in (("spec_decode_num_draft_tokens", "spec_proposed", "Tokens proposed by prompt lookup."),
+                                ("spec_decode_num_accepted_tokens", "spec_accepted", "Proposed tokens the model kept.")):
+            Gauge(PREFIX + name, doc + " (engine-wide)", registry=r).set_function(
+                lambda attr=attr: getattr(engine(), attr, 0))
+
     def finished(self, reason: str | None) -> None:
         self.success.labels(FINISHED_LABEL.get(reason or "", "abort")).inc()
 

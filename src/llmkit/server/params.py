@@ -73,7 +73,7 @@ def check_work(config: ServerConfig, prompts: list[list[int]], n: int, max_token
 
 
 async def build(state, req, prompts: list[list[int]], max_tokens: int | None, k: int | None,
-                tool_schema: dict | None = None) -> list:
+                tool_schema: dict | None = None, adapter: str | None = None) -> list:
     """Engine requests for every choice (``LLM.requests``: n per prompt, choice = prompt * n + j),
     each checked against the context window before any schema is compiled. ``tool_schema``: a
     tool call to enforce while decoding (``tools.ToolPlan.schema``)."""
@@ -84,7 +84,7 @@ async def build(state, req, prompts: list[list[int]], max_tokens: int | None, k:
     if rf and rf.get("type") == "json_schema" and not (rf.get("json_schema") or {}).get("schema"):
         raise bad_request("response_format json_schema needs json_schema.schema.", param="response_format")
     params = sampling_params(req, limits[0], vocab)
-    requests = llm.requests(prompts, params, n=req.n, logprobs=k)
+    requests = llm.requests(prompts, params, n=req.n, logprobs=k, adapter=adapter)
     for i, request in enumerate(requests):
         m = limits[i // req.n]
         if m != request.params.max_tokens:

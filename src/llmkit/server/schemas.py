@@ -280,6 +280,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llmkit"
     max_model_len: Optional[int] = Field(description="The context window; null while the model loads.")
+    parent: Optional[str] = Field(None, description="For a LoRA adapter: the base model it runs on.")
 
 
 class ModelList(BaseModel):

@@ -67,11 +67,15 @@ class ServerState:
                            code="model_loading", headers={"Retry-After": "5"})
         return self.llm
 
-    def check_model(self, name: str | None) -> None:
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model), or a 404."""
         config = self.config
         if name in (None, "", config.model_name) or name in config.aliases:
-            return
-        raise APIError(404, f"The model {name!r} is not served here; this server runs {config.model_name!r} "
+            return None
+        if self.llm is not None and name in self.llm.adapters:
+            return name
+        served = [config.model_name, *(self.llm.adapters if self.llm is not None else [])]
+        raise APIError(404, f"The model {name!r} is not served here; this server runs {', '.join(map(repr, served))} "
                             "(GET /v1/models).", param="model", code="model_not_found")
 
     async def prep(self, fn: Callable, *args):

@@ -31,7 +31,7 @@ async def chat_completions(request: Request):
     state = state_of(request)
     req = await parse(request, schemas.ChatCompletionRequest, generation=True)
     llm = state.need_model()
-    state.check_model(req.model)
+    adapter = state.check_model(req.model)
     prompts.check_messages(req.messages, state.config)
     plan = tools.plan_for(req)
     tool_schema = plan.schema() if plan is not None else None
@@ -47,7 +47,7 @@ async def chat_completions(request: Request):
     ids = await state.prep(prompts.chat_ids, llm.tokenizer, req.messages, req.add_generation_prompt,
                            req.continue_final_message, plan)
     prompts.check_not_empty([ids], "messages")
-    jobs = await params.build(state, req, [ids], max_tokens, k, tool_schema)
+    jobs = await params.build(state, req, [ids], max_tokens, k, tool_schema, adapter)
     run = Run(state, jobs, arrival, request, poll_disconnect=not req.stream)
     gen = Generation("chatcmpl", state.config.model_name, [len(ids)], req.n, llm.tokenizer,
                      plan if plan is not None and plan.offered else None)
@@ -67,7 +67,7 @@ async def completions(request: Request):
     config = state.config
     req = await parse(request, schemas.CompletionRequest, generation=True)
     llm = state.need_model()
-    state.check_model(req.model)
+    adapter = state.check_model(req.model)
     if req.suffix:
         raise bad_request("suffix (fill-in-the-middle) is not supported.", param="suffix")
     if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], str)):
@@ -82,7 +82,7 @@ async def completions(request: Request):
     gen = Generation("cmpl", config.model_name, [len(p) for p in ids_list], req.n, llm.tokenizer)
     k = req.logprobs
     # every check before any work: the choices' requests are built (not yet queued) first
-    jobs = await params.build(state, req, ids_list, req.max_tokens, k) if req.max_tokens != 0 else None
+    jobs = await params.build(state, req, ids_list, req.max_tokens, k, adapter=adapter) if req.max_tokens != 0 else None
     if req.echo:
         if k is not None:
             limits = [0 if req.max_tokens == 0 else params.max_tokens_for(req.max_tokens, len(p), llm.context_length,

@@ -36,10 +36,13 @@ async def prometheus(request: Request) -> Response:
     return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/models", response_model=schemas.ModelList, summary="The model this server runs.")
+@router.get("/v1/models", response_model=schemas.ModelList,
+            summary="The model this server runs, and the LoRA adapters served beside it.")
 async def models(request: Request):
     state = state_of(request)
     context = state.llm.context_length if state.llm is not None else None
     card = {"id": state.config.model_name, "object": "model", "created": int(state.started), "owned_by": "llmkit",
             "max_model_len": context}
-    return {"object": "list", "data": [card]}
+    adapters = [{**card, "id": name, "parent": state.config.model_name} for name in
+                (state.llm.adapters if state.llm is not None else [])]
+    return {"object": "list", "data": [card, *adapters]}
