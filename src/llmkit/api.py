@@ -264,7 +264,7 @@ class LLM(TaskMixin):
         """Serve a LoRA adapter (a PEFT adapter folder: ``llmkit finetune``'s or PEFT's) beside the
         base model, under ``name``; requests pick it with ``adapter=name``. The base's weights
         are shared: each row adds its own adapter's low-rank update."""
-        from llmkit.train.lora import peft_updates, read_peft
+        from llmkit.formats.peft import peft_updates, read_peft
 
         executor = self.engine.executor
         if not hasattr(executor, "add_adapter"):

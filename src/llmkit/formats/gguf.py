@@ -104,7 +104,7 @@ def read_gguf(path: Path, dtype: torch.dtype, device, keep_quantized: Callable[[
     """The model and tokenizer of a GGUF file. ``keep_quantized(ggml_type)``: weight matrices of
     the types it accepts stay in their block format (``Checkpoint.quantized``, by parameter name),
     their parameters left unallocated in the model; everything else is dequantized to ``dtype``."""
-    from llmkit.formats import Checkpoint, QuantizedTensor, build_model
+    from llmkit.formats.base import Checkpoint, QuantizedTensor, build_model
 
     f = GGUFFile(path)
     with _read_errors(path):

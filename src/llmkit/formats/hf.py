@@ -34,7 +34,7 @@ def read_config(folder: Path) -> dict:
 
 
 def read_hf(folder: Path, dtype: torch.dtype, device):
-    from llmkit.formats import Checkpoint, build_model
+    from llmkit.formats.base import Checkpoint, build_model
     from llmkit.formats.archs import get_architecture
     from llmkit.tokenizer import Tokenizer
 
