@@ -61,3 +61,18 @@ def test_without_a_compiler_the_model_keeps_its_torch_path(tiny_model_dir, monke
     assert not fresh.engine.executor.ops.kernel
     without = fresh.generate(prompts, max_tokens=12, temperature=0, ignore_eos=True)
     assert without == with_kernel
+
+
+def test_a_kernel_folder_others_can_write_keeps_the_torch_path(tmp_path, monkeypatch):
+    from llmkit.engine import native
+
+    monkeypatch.setenv("LLMKIT_HOME", str(tmp_path))
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels").chmod(0o777)
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(cpu_attention, "_lib", None)
+    monkeypatch.setattr(cpu_attention, "_tried", False)
+    with pytest.warns(RuntimeWarning, match="can be written by other users"):
+        assert not cpu_attention.available()
+    assert list((tmp_path / "kernels").iterdir()) == []

@@ -8,24 +8,21 @@ sees (no mask, no copy of the cache), one (sequence, kv head) per OpenMP task. M
 cores, SmolLM2-135M shapes, 16 sequences of up to 170 positions: 0.14 against 0.26 ms per layer
 (bfloat16); the engine's 16-stream decode went from ~347 to ~410 tokens/s.
 
-It is compiled on first use with the system's C compiler (``cc``, a second or two) into
-``~/.cache/llmkit/kernels`` and loaded with ctypes; no torch headers. Where that fails (no
-compiler, another CPU), ``available()`` is False and the model keeps its torch path.
+It is compiled on first use with the system's C compiler (``cc``, a second or two) into the
+store's kernel folder and loaded with ctypes by ``llmkit.engine.native`` (no torch headers). Where
+that fails (no compiler, another CPU, an unsafe kernel folder), ``available()`` is False and the
+model keeps its torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
+
+from llmkit.engine import native
 
 log = logging.getLogger(__name__)
 
@@ -98,42 +95,11 @@ _ARGS = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_i
 
 
 def _compile() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc or os.environ.get("LLMKIT_NO_KERNELS"):
-        return None
     # -ffast-math: glibc's vector expf (libmvec) is only declared for it; the kernel has no
     # infinities or NaNs of its own to lose (the max starts from a real score)
-    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-    # -march=native: the build is for this CPU, so its flags are part of the name (a home folder
-    # shared by machines of several kinds keeps one build per kind)
-    key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), cc, _cpu_flags()]).encode()).hexdigest()[:16]
-    from llmkit.store import home
-
-    folder = home() / "kernels"
-    target = folder / f"decode_attention-{key}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, lib = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            src.write_text(_SOURCE)
-            r = subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"], capture_output=True, text=True)
-            if r.returncode != 0:
-                log.info("decode attention kernel not built (%s): %s", cc, r.stderr[-500:])
-                return None
-            os.replace(lib, target)  # atomic: a concurrent build writes the same bytes
-    lib = ctypes.CDLL(str(target))
-    for name in ("decode_attention_bf16", "decode_attention_f32"):
-        getattr(lib, name).argtypes = _ARGS
-        getattr(lib, name).restype = None
-    return lib
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
+    names = ("decode_attention_bf16", "decode_attention_f32")
+    return native.load("decode_attention", _SOURCE, ("-march=native", "-ffast-math"),
+                       {name: (_ARGS, None) for name in names})
 
 
 def available() -> bool:

@@ -1,16 +1,16 @@
 /* Matrix products with weights kept in GGUF block formats (llmkit.engine.quant).
  *
- * W is [N, K] in one of the block formats below, each row ceil-free: K is a multiple of the block
- * size. y[m, n] = sum_k x[m, k] * W[n, k]. The activations x are first quantized per block of 32
- * to int8 with one float scale (d = max|x| / 127, q = round-half-even(x * 127 / max|x|)), with the
- * block's sum d * sum(q) and the integer sums of each half of 16: the weight blocks are then
- * multiplied in integers and scaled once per block (per sub-block for the K formats).
+ * W is [N, K] in one of the block formats below; K is a whole number of blocks. W is repacked
+ * once (llmkit_pack: rows in groups of 8, see "the packed layout") and then y[m, n] =
+ * sum_k x[m, k] * W[n, k] is computed without unpacking W to memory. The activations x are first
+ * quantized per block of 32 to int8 with one float scale (d = max|x| / 127, q = round half to even
+ * of x * 127 / max|x|), keeping each block's d * sum(q) and the integer sums of each 16: weight
+ * blocks are multiplied in integers and scaled once per block (per sub-block for the K formats).
  *
- * Paths: AVX2 (+FMA, F16C) with maddubs, AVX-512 VNNI / AVX-VNNI dot products where the compiler
- * targets them, and portable C everywhere else. LLMKIT_SCALAR forces the portable path (tests).
- * The floating point here must not be contracted into fused multiply-adds where the result is
- * compared bit for bit (dequantize): build with -ffp-contract=off; the SIMD paths use explicit
- * fused multiply-adds where they want them.
+ * Paths: AVX2 (+FMA, F16C) with maddubs; VNNI dot products (AVX512-VNNI or AVX-VNNI, 256-bit) where
+ * the compiler targets them; portable C everywhere else (LLMKIT_SCALAR forces it, for tests).
+ * Dequantization must round exactly as the reference does: build with -ffp-contract=off (the SIMD
+ * paths use explicit fused multiply-adds where they want them).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,7 +23,16 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(LLMKIT_SCALAR)
 #define USE_AVX2 1
 #include <immintrin.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(LLMKIT_EMULATE_VNNI)
+/* Tests: the VNNI code paths on a machine without VNNI, with its dot product computed exactly in
+ * AVX2 (4 products of unsigned and signed bytes added to each int32 lane, no saturation). */
+static inline __m256i dpbusd_emulated(__m256i acc, __m256i u, __m256i s) {
+    __m256i ue = _mm256_and_si256(u, _mm256_set1_epi16(0xff)), uo = _mm256_srli_epi16(u, 8);
+    __m256i se = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8), so = _mm256_srai_epi16(s, 8);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(ue, se), _mm256_madd_epi16(uo, so)));
+}
+#define DPBUSD(acc, u, s) dpbusd_emulated((acc), (u), (s))
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #elif defined(__AVXVNNI__)
 #define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
@@ -42,9 +51,12 @@ int llmkit_block_bytes(int t) {
     }
 }
 
-/* Which SIMD path this build took: 0 portable, 1 AVX2, 2 AVX2 with VNNI dot products. */
+/* Which SIMD path this build took: 0 portable, 1 AVX2, 2 AVX2 with VNNI dot products, 3 the
+ * same with VNNI emulated (tests). */
 int llmkit_simd_level(void) {
-#if defined(USE_AVX2) && defined(DPBUSD)
+#if defined(USE_AVX2) && defined(LLMKIT_EMULATE_VNNI)
+    return 3;
+#elif defined(USE_AVX2) && defined(DPBUSD)
     return 2;
 #elif defined(USE_AVX2)
     return 1;
@@ -264,20 +276,28 @@ void llmkit_pack(int t, const uint8_t* src, int64_t N, int64_t K, uint8_t* dst, 
     }
 }
 
-/* Rows ids[0..n-1] (or 0..n-1 when ids is NULL) of packed W, dequantized into out [n, K]. */
+static void dequant_row_packed(int t, const uint8_t* w, int64_t K, int64_t row, void* out, int out_bf16) {
+    int64_t E = llmkit_block_elems(t), nb = K / E, GB = llmkit_group_bytes(t);
+    uint8_t blk[256];
+    for (int64_t b = 0; b < nb; b++) {
+        get_block(t, w + ((row / 8) * nb + b) * GB, (int)(row % 8), blk);
+        if (out_bf16) dequant_block(t, blk, NULL, (uint16_t*)out + b * E);
+        else dequant_block(t, blk, (float*)out + b * E, NULL);
+    }
+}
+
+/* Rows ids[0..n-1] (or 0..n-1 when ids is NULL) of packed W, dequantized into out [n, K]. A few
+ * rows (an embedding lookup) run without a parallel region: switching libgomp's team between one
+ * thread and several costs more than they do. */
 void llmkit_dequantize(int t, const uint8_t* w, int64_t K, const int64_t* ids, int64_t n, void* out,
                        int out_bf16, int nthreads) {
-    int64_t E = llmkit_block_elems(t), nb = K / E, GB = llmkit_group_bytes(t);
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * K > 65536)
-    for (int64_t i = 0; i < n; i++) {
-        int64_t row = ids ? ids[i] : i;
-        uint8_t blk[256];
-        for (int64_t b = 0; b < nb; b++) {
-            get_block(t, w + ((row / 8) * nb + b) * GB, (int)(row % 8), blk);
-            if (out_bf16) dequant_block(t, blk, NULL, (uint16_t*)out + i * K + b * E);
-            else dequant_block(t, blk, (float*)out + i * K + b * E, NULL);
-        }
+    int64_t size = out_bf16 ? 2 : 4;
+    if (n * K <= 65536 || nthreads <= 1) {
+        for (int64_t i = 0; i < n; i++) dequant_row_packed(t, w, K, ids ? ids[i] : i, (char*)out + i * K * size, out_bf16);
+        return;
     }
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) dequant_row_packed(t, w, K, ids ? ids[i] : i, (char*)out + i * K * size, out_bf16);
 }
 
 /* ------------------------------------------------------------------ activations
@@ -350,39 +370,28 @@ void llmkit_quantize_activations(const void* x, int bf16, int64_t M, int64_t K, 
 }
 
 /* ------------------------------------------------------------------ group products
- * One group block (8 weight rows x one block) against activation rows m0..m1-1: acc[m - m0]
- * (8 lanes: the 8 rows) += the block's part of their dot products. */
+ * One group (8 weight rows, all nb blocks; gb its first group block) against MR activation rows
+ * m0..m0+MR-1: res[r] (8 lanes: the 8 weight rows) = their dot products. Each weight vector is
+ * unpacked in registers once and used for the MR rows. */
 
 #ifdef USE_AVX2
-
-typedef struct {
-    __m256i w[64];      /* step k: values 4k..4k+3 of the block for each row (unsigned, Q8_0 signed) */
-    __m256 dscale[8];   /* per 32 values: per row factor of the integer dot (times the activations' d) */
-    __m256 fmin[8];     /* per 32 values: per row factor of the activations' block sum s */
-    __m256i iscale[16]; /* Q6_K: per 16 values, each row's scale twice as int16 */
-} Unpacked;
 
 static inline __m256 ph8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 static inline __m256i ld(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 static inline __m256 u8x8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 static inline __m256i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 #define M4 _mm256_set1_epi8(15)
+#define ONES16 _mm256_set1_epi16(1)
 
-static inline __m256i acc_u8s8(__m256i acc, __m256i u, __m256i s) {  /* acc + sums of 4 u8*s8 products */
+/* acc (int16 lanes) + products of unsigned weights and signed activations: pairs summed. With VNNI
+ * the accumulator is int32 and takes 4 products per lane. */
 #ifdef DPBUSD
-    return DPBUSD(acc, u, s);
+#define DOT_ADD(acc, w, x) DPBUSD((acc), (w), (x))
+#define DOT_FLUSH(i32, acc) _mm256_add_epi32((i32), (acc))
 #else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#define DOT_ADD(acc, w, x) _mm256_add_epi16((acc), _mm256_maddubs_epi16((w), (x)))
+#define DOT_FLUSH(i32, acc) _mm256_add_epi32((i32), _mm256_madd_epi16((acc), ONES16))
 #endif
-}
-
-static inline void nibbles(const uint8_t* q, int npieces, __m256i* lo, __m256i* hi) {
-    for (int v = 0; v < npieces; v++) {
-        __m256i raw = ld(q + 32 * v);
-        lo[v] = _mm256_and_si256(raw, M4);
-        hi[v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), M4);
-    }
-}
 
 static inline __m256i high_bits(__m256i qh, int shift) {  /* bit shift+i of each row's u32 -> byte i: 16 or 0 */
     __m256i v = _mm256_srl_epi32(qh, _mm_cvtsi32_si128(shift));
@@ -392,200 +401,255 @@ static inline __m256i high_bits(__m256i qh, int shift) {  /* bit shift+i of each
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
 }
 
-static inline void unpack_small(int t, const uint8_t* gb, Unpacked* u) {
-    int off = t == Q4_1 || t == Q5_1, five = t == Q5_0 || t == Q5_1;
-    __m256 d = ph8(gb);
-    u->dscale[0] = d;
-    u->fmin[0] = off ? ph8(gb + 16) : _mm256_mul_ps(d, _mm256_set1_ps(five ? -16.0f : -8.0f));
-    if (t == Q8_0) {
-        for (int k = 0; k < 8; k++) u->w[k] = ld(gb + 16 + 32 * k);
-        return;
-    }
-    const uint8_t* q = gb + 16 + 16 * off + 32 * five;
-    nibbles(q, 4, u->w, u->w + 4);
-    if (five) {
-        __m256i qh = ld(gb + 16 + 16 * off);
-        for (int v = 0; v < 4; v++) {
-            u->w[v] = _mm256_or_si256(u->w[v], high_bits(qh, 4 * v));
-            u->w[v + 4] = _mm256_or_si256(u->w[v + 4], high_bits(qh, 16 + 4 * v));
-        }
-    }
-}
+#define ROW_PTRS                                                                                  \
+    const int64_t K = a->K, n32 = K / 32;                                                         \
+    const int8_t* x[4]; const float *xd[4], *xs[4]; const int16_t* xb[4];                        \
+    for (int r = 0; r < MR; r++) {                                                                \
+        x[r] = a->q + (m0 + r) * K; xd[r] = a->d + (m0 + r) * n32; xs[r] = a->s + (m0 + r) * n32; \
+        xb[r] = a->b16 + (m0 + r) * (K / 16);                                                     \
+    }                                                                                             \
+    (void)xs; (void)xb;
 
-static inline void unpack_k45(int t, const uint8_t* gb, Unpacked* u) {
-    __m256 d = ph8(gb), negmin = _mm256_sub_ps(_mm256_setzero_ps(), ph8(gb + 16));
-    for (int j = 0; j < 8; j++) {
-        u->dscale[j] = _mm256_mul_ps(d, u8x8(gb + 32 + 8 * j));
-        u->fmin[j] = _mm256_mul_ps(negmin, u8x8(gb + 96 + 8 * j));
-    }
-    const uint8_t* qs = gb + (t == Q5_K ? 416 : 160);
-    for (int c = 0; c < 4; c++) {
-        nibbles(qs + 256 * c, 8, u->w + 16 * c, u->w + 16 * c + 8);
-        if (t == Q5_K)
-            for (int v = 0; v < 8; v++) {
-                __m256i h = _mm256_srl_epi16(ld(gb + 160 + 32 * v), _mm_cvtsi32_si128(2 * c));
-                u->w[16 * c + v] = _mm256_or_si256(u->w[16 * c + v], _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
-                u->w[16 * c + 8 + v] = _mm256_or_si256(u->w[16 * c + 8 + v], _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(2)), 3));
-            }
-    }
-}
-
-static inline void unpack_q6_k(const uint8_t* gb, Unpacked* u) {
-    __m256 d = ph8(gb);
-    for (int j = 0; j < 8; j++) u->dscale[j] = d;
-    for (int k = 0; k < 16; k++) {
-        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 16 + 8 * k)));
-        u->iscale[k] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
-    }
-    const __m256i m2 = _mm256_set1_epi8(3);
-    for (int h = 0; h < 2; h++)
-        for (int v = 0; v < 8; v++) {
-            __m256i l0 = ld(gb + 144 + 512 * h + 32 * v), l1 = ld(gb + 144 + 512 * h + 32 * (8 + v));
-            __m256i hb = ld(gb + 1168 + 256 * h + 32 * v);
-            __m256i* w = u->w + 32 * h + v;
-            w[0] = _mm256_or_si256(_mm256_and_si256(l0, M4), _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4));
-            w[8] = _mm256_or_si256(_mm256_and_si256(l1, M4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4));
-            w[16] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), M4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4));
-            w[24] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), M4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
-        }
-}
-
-/* Integer dot products of 32 values for 8 rows. Unsigned weights of at most 15 (SPAN 8) or 31
- * (SPAN 4): that many maddubs products add up in int16 without saturating. */
-static inline __attribute__((always_inline)) __m256i dot32_unsigned(const __m256i* w, const int8_t* x, const int span) {
-    __m256i acc = _mm256_setzero_si256();
+/* Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one block of 32 per group block; step k holds values 4k..4k+3. */
+static inline __attribute__((always_inline)) void rows_small(const int t, const uint8_t* gb, int64_t nb, const Act* a,
+                                                              int64_t m0, const int MR, __m256* res) {
+    const int off = t == Q4_1 || t == Q5_1, five = t == Q5_0 || t == Q5_1, GB = 8 * llmkit_block_bytes(t);
+    ROW_PTRS
+    __m256 acc[4];
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* g = gb + b * GB;
+        __m256 d = ph8(g);
+        __m256i i32[4], p[4];
+        for (int r = 0; r < MR; r++) i32[r] = p[r] = _mm256_setzero_si256();
+        if (t == Q8_0) {  /* signed weights: |w| times x with w's sign */
+            for (int k = 0; k < 8; k++) {
+                __m256i w = ld(g + 16 + 32 * k), aw = _mm256_sign_epi8(w, w);
+                for (int r = 0; r < MR; r++) {
+                    __m256i xv = _mm256_sign_epi8(bcast4(x[r] + 32 * b + 4 * k), w);
 #ifdef DPBUSD
-    (void)span;
-    for (int k = 0; k < 8; k++) acc = DPBUSD(acc, w[k], bcast4(x + 4 * k));
+                    i32[r] = DPBUSD(i32[r], aw, xv);
 #else
-    for (int k0 = 0; k0 < 8; k0 += span) {
-        __m256i p = _mm256_maddubs_epi16(w[k0], bcast4(x + 4 * k0));
-        for (int k = k0 + 1; k < k0 + span; k++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[k], bcast4(x + 4 * k)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-    }
+                    i32[r] = _mm256_add_epi32(i32[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ONES16));
 #endif
-    return acc;
-}
-
-static inline __m256i dot32_signed(const __m256i* w, const int8_t* x) {  /* Q8_0: |w| times x with w's sign */
-    __m256i acc = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k++) acc = acc_u8s8(acc, _mm256_sign_epi8(w[k], w[k]), _mm256_sign_epi8(bcast4(x + 4 * k), w[k]));
-    return acc;
-}
-
-static inline __m256i dot32_q6(const __m256i* w, const __m256i* isc, const int8_t* x, const int16_t* xb) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int h = 0; h < 2; h++)  /* two sub-blocks of 16, one scale each; values 0..63: 2 products per int16 */
-        for (int k = 4 * h; k < 4 * h + 4; k += 2) {
-            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w[k], bcast4(x + 4 * k)),
-                                         _mm256_maddubs_epi16(w[k + 1], bcast4(x + 4 * k + 4)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, isc[h]));
+                }
+            }
+        } else {
+            const uint8_t* q = g + 16 + 16 * off + 32 * five;
+            for (int k = 0; k < 8; k++) {  /* 4-bit: 8 products per int16 lane; 5-bit: 4 */
+                __m256i raw = ld(q + 32 * (k & 3));
+                __m256i w = k < 4 ? _mm256_and_si256(raw, M4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), M4);
+                if (five) w = _mm256_or_si256(w, high_bits(ld(g + 16 + 16 * off), k < 4 ? 4 * k : 16 + 4 * (k - 4)));
+                for (int r = 0; r < MR; r++) p[r] = DOT_ADD(p[r], w, bcast4(x[r] + 32 * b + 4 * k));
+                if (five && k == 3)
+                    for (int r = 0; r < MR; r++) { i32[r] = DOT_FLUSH(i32[r], p[r]); p[r] = _mm256_setzero_si256(); }
+            }
+            for (int r = 0; r < MR; r++) i32[r] = DOT_FLUSH(i32[r], p[r]);
         }
-    /* the stored values are q + 32: take 32 * scale * sum(x) per sub-block off */
-    __m256i c = _mm256_add_epi32(_mm256_madd_epi16(isc[0], _mm256_set1_epi32((uint16_t)xb[0])),
-                                 _mm256_madd_epi16(isc[1], _mm256_set1_epi32((uint16_t)xb[1])));
-    return _mm256_sub_epi32(acc, _mm256_slli_epi32(c, 5));
-}
-
-static inline __attribute__((always_inline)) void group_rows(const Unpacked* u, const Act* a, int64_t b, int64_t m0,
-                                                              int64_t m1, __m256* acc, __m256* accmin, const int cls,
-                                                              const int nsub) {
-    int64_t K = a->K, n32 = K / 32;
-    for (int64_t m = m0; m < m1; m++) {
-        const int8_t* x = a->q + m * K + b * 32 * nsub;
-        const float* xd = a->d + m * n32 + b * nsub;
-        const float* xs = a->s + m * n32 + b * nsub;
-        __m256 s = acc[m - m0], s2 = accmin[m - m0];
-        for (int j = 0; j < nsub; j++) {
-            __m256i i;
-            if (cls == 0) i = dot32_unsigned(u->w + 8 * j, x + 32 * j, 8);
-            else if (cls == 1) i = dot32_unsigned(u->w + 8 * j, x + 32 * j, 4);
-            else if (cls == 2) i = dot32_signed(u->w + 8 * j, x + 32 * j);
-            else i = dot32_q6(u->w + 8 * j, u->iscale + 2 * j, x + 32 * j, a->b16 + m * (K / 16) + b * 16 + 2 * j);
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(u->dscale[j], _mm256_set1_ps(xd[j])), s);
-            if (cls < 2) s2 = _mm256_fmadd_ps(u->fmin[j], _mm256_set1_ps(xs[j]), s2);
+        __m256 fmin = off ? ph8(g + 16) : _mm256_mul_ps(d, _mm256_set1_ps(five ? -16.0f : -8.0f));
+        for (int r = 0; r < MR; r++) {
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32[r]), _mm256_mul_ps(d, _mm256_set1_ps(xd[r][b])), acc[r]);
+            if (t != Q8_0) acc[r] = _mm256_fmadd_ps(fmin, _mm256_set1_ps(xs[r][b]), acc[r]);
         }
-        acc[m - m0] = s;
-        accmin[m - m0] = s2;
     }
+    for (int r = 0; r < MR; r++) res[r] = acc[r];
 }
 
-static void group_block(int t, const uint8_t* gb, const Act* a, int64_t b, int64_t m0, int64_t m1, __m256* acc,
-                        __m256* accmin) {
-    Unpacked u;
+/* Q4_K, Q5_K: 8 sub-blocks of 32 per block, each with a 6-bit scale and minimum per row. */
+static inline __attribute__((always_inline)) void rows_k45(const int t, const uint8_t* gb, int64_t nb, const Act* a,
+                                                            int64_t m0, const int MR, __m256* res) {
+    const int GB = llmkit_group_bytes(t), five = t == Q5_K;
+    ROW_PTRS
+    __m256 acc[4];
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* g = gb + b * GB;
+        const uint8_t* qs = g + (five ? 416 : 160);
+        __m256 d = ph8(g), negmin = _mm256_sub_ps(_mm256_setzero_ps(), ph8(g + 16));
+        for (int j = 0; j < 8; j++) {
+            __m256i i32[4], p[4];
+            for (int r = 0; r < MR; r++) i32[r] = p[r] = _mm256_setzero_si256();
+            for (int v = 0; v < 8; v++) {
+                __m256i raw = ld(qs + 256 * (j / 2) + 32 * v);
+                __m256i w = j & 1 ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), M4) : _mm256_and_si256(raw, M4);
+                if (five) {
+                    __m256i h = _mm256_srl_epi16(ld(g + 160 + 32 * v), _mm_cvtsi32_si128(j));
+                    w = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
+                }
+                for (int r = 0; r < MR; r++) p[r] = DOT_ADD(p[r], w, bcast4(x[r] + 256 * b + 32 * j + 4 * v));
+                if (five && v == 3)
+                    for (int r = 0; r < MR; r++) { i32[r] = DOT_FLUSH(i32[r], p[r]); p[r] = _mm256_setzero_si256(); }
+            }
+            __m256 dsc = _mm256_mul_ps(d, u8x8(g + 32 + 8 * j)), fmin = _mm256_mul_ps(negmin, u8x8(g + 96 + 8 * j));
+            for (int r = 0; r < MR; r++) {
+                i32[r] = DOT_FLUSH(i32[r], p[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32[r]), _mm256_mul_ps(dsc, _mm256_set1_ps(xd[r][8 * b + j])), acc[r]);
+                acc[r] = _mm256_fmadd_ps(fmin, _mm256_set1_ps(xs[r][8 * b + j]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; r++) res[r] = acc[r];
+}
+
+/* Q6_K: 16 sub-blocks of 16 with int8 scales per row; values stored as q + 32 (0..63), the 32
+ * taken off through the activations' sums per 16. Activation block j (32 values) is half h = j/4,
+ * part j%4 of the format's layout. */
+static inline __attribute__((always_inline)) void rows_q6_k(const uint8_t* gb, int64_t nb, const Act* a, int64_t m0,
+                                                             const int MR, __m256* res) {
+    ROW_PTRS
+    const __m256i m2 = _mm256_set1_epi8(3);
+    __m256 acc[4];
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* g = gb + b * 1680;
+        __m256 d = ph8(g);
+        for (int j = 0; j < 8; j++) {
+            const int h = j / 4, part = j % 4;
+            __m256i isc[2];  /* each row's scale twice as int16, for the two sub-blocks */
+            for (int s = 0; s < 2; s++) {
+                __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(g + 16 + 8 * (2 * j + s))));
+                isc[s] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+            }
+            __m256i i32[4];
+            for (int r = 0; r < MR; r++) i32[r] = _mm256_setzero_si256();
+            for (int v0 = 0; v0 < 8; v0 += 2) {  /* values up to 63: 2 products per int16 lane */
+                __m256i p[4];
+                for (int r = 0; r < MR; r++) p[r] = _mm256_setzero_si256();
+                for (int v = v0; v < v0 + 2; v++) {
+                    __m256i l = ld(g + 144 + 512 * h + 32 * (v + 8 * (part & 1)));
+                    __m256i hb = _mm256_srl_epi16(ld(g + 1168 + 256 * h + 32 * v), _mm_cvtsi32_si128(2 * part));
+                    __m256i lo = part >= 2 ? _mm256_srli_epi16(l, 4) : l;
+                    __m256i w = _mm256_or_si256(_mm256_and_si256(lo, M4), _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4));
+                    for (int r = 0; r < MR; r++)
+                        p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(w, bcast4(x[r] + 256 * b + 32 * j + 4 * v)));
+                }
+                for (int r = 0; r < MR; r++) i32[r] = _mm256_add_epi32(i32[r], _mm256_madd_epi16(p[r], isc[v0 >= 4]));
+            }
+            for (int r = 0; r < MR; r++) {
+                const int16_t* sums = xb[r] + 16 * b + 2 * j;
+                __m256i c = _mm256_add_epi32(_mm256_madd_epi16(isc[0], _mm256_set1_epi32((uint16_t)sums[0])),
+                                             _mm256_madd_epi16(isc[1], _mm256_set1_epi32((uint16_t)sums[1])));
+                __m256i i = _mm256_sub_epi32(i32[r], _mm256_slli_epi32(c, 5));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(d, _mm256_set1_ps(xd[r][8 * b + j])), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; r++) res[r] = acc[r];
+}
+
+#define BY_MR(CALL) switch (mr) { case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); }
+
+/* Rows m0..m0+mr-1 (mr <= 4) of the activations against one group: out[r * 8 + i], row i of the group. */
+static void group_rows(int t, const uint8_t* gb, int64_t nb, const Act* a, int64_t m0, int mr, float* out) {
+    __m256 res[4];
+#define SMALL(MR) rows_small(T, gb, nb, a, m0, MR, res)
+#define K45(MR) rows_k45(T, gb, nb, a, m0, MR, res)
+#define Q6(MR) rows_q6_k(gb, nb, a, m0, MR, res)
     switch (t) {
-    case Q4_0: case Q4_1: unpack_small(t, gb, &u); group_rows(&u, a, b, m0, m1, acc, accmin, 0, 1); break;
-    case Q5_0: case Q5_1: unpack_small(t, gb, &u); group_rows(&u, a, b, m0, m1, acc, accmin, 1, 1); break;
-    case Q8_0: unpack_small(t, gb, &u); group_rows(&u, a, b, m0, m1, acc, accmin, 2, 1); break;
-    case Q4_K: unpack_k45(t, gb, &u); group_rows(&u, a, b, m0, m1, acc, accmin, 0, 8); break;
-    case Q5_K: unpack_k45(t, gb, &u); group_rows(&u, a, b, m0, m1, acc, accmin, 1, 8); break;
-    case Q6_K: unpack_q6_k(gb, &u); group_rows(&u, a, b, m0, m1, acc, accmin, 3, 8); break;
+#define T Q4_0
+    case T: BY_MR(SMALL) break;
+#undef T
+#define T Q4_1
+    case T: BY_MR(SMALL) break;
+#undef T
+#define T Q5_0
+    case T: BY_MR(SMALL) break;
+#undef T
+#define T Q5_1
+    case T: BY_MR(SMALL) break;
+#undef T
+#define T Q8_0
+    case T: BY_MR(SMALL) break;
+#undef T
+#define T Q4_K
+    case T: BY_MR(K45) break;
+#undef T
+#define T Q5_K
+    case T: BY_MR(K45) break;
+#undef T
+    case Q6_K: BY_MR(Q6) break;
     }
-}
-
-typedef __m256 Acc;
-static inline void acc_zero(Acc* acc, int64_t n) { for (int64_t i = 0; i < n; i++) acc[i] = _mm256_setzero_ps(); }
-static inline void acc_get(const Acc* acc, const Acc* accmin, float out[8]) {
-    _mm256_storeu_ps(out, _mm256_add_ps(*acc, *accmin));
+    for (int r = 0; r < mr; r++) _mm256_storeu_ps(out + 8 * r, res[r]);
 }
 
 #else  /* portable: unpack each row's block and multiply value by value */
 
-typedef struct { float v[8]; } Acc;
-static inline void acc_zero(Acc* acc, int64_t n) { memset(acc, 0, sizeof(Acc) * n); }
-static inline void acc_get(const Acc* acc, const Acc* accmin, float out[8]) {
-    for (int r = 0; r < 8; r++) out[r] = acc->v[r] + accmin->v[r];
-}
-
-static void group_block(int t, const uint8_t* gb, const Act* a, int64_t b, int64_t m0, int64_t m1, Acc* acc,
-                        Acc* accmin) {
-    int E = llmkit_block_elems(t), off = has_offset(t);
+static void group_rows(int t, const uint8_t* gb, int64_t nb, const Act* a, int64_t m0, int mr, float* out) {
+    int E = llmkit_block_elems(t), off = has_offset(t), GB = llmkit_group_bytes(t);
     int64_t K = a->K;
     uint8_t blk[256];
-    int8_t q[8][256];
-    float f[8][16], o[8][16];
-    for (int r = 0; r < 8; r++) {
-        get_block(t, gb, r, blk);
-        unpack(t, blk, q[r], f[r], o[r]);
-    }
-    for (int64_t m = m0; m < m1; m++) {
-        const int8_t* xq = a->q + m * K + b * E;
-        const float* xd = a->d + m * (K / 32) + b * (E / 32);
-        const int16_t* xb = a->b16 + m * (K / 16) + b * (E / 16);
-        for (int r = 0; r < 8; r++) {
-            float sum = 0.0f, sum2 = 0.0f;
-            for (int h = 0; h < E / 16; h++) {
-                int dot = 0;
-                for (int i = 0; i < 16; i++) dot += q[r][16 * h + i] * xq[16 * h + i];
-                sum += xd[h / 2] * f[r][h] * (float)dot;
-                if (off) sum2 += xd[h / 2] * o[r][h] * (float)xb[h];
+    int8_t q[256];
+    float f[16], o[16];
+    memset(out, 0, sizeof(float) * 8 * mr);
+    for (int64_t b = 0; b < nb; b++)
+        for (int i = 0; i < 8; i++) {
+            get_block(t, gb + b * GB, i, blk);
+            unpack(t, blk, q, f, o);
+            for (int r = 0; r < mr; r++) {
+                int64_t m = m0 + r;
+                const int8_t* xq = a->q + m * K + b * E;
+                const float* xd = a->d + m * (K / 32) + b * (E / 32);
+                const int16_t* xb = a->b16 + m * (K / 16) + b * (E / 16);
+                float sum = 0.0f;
+                for (int h = 0; h < E / 16; h++) {
+                    int dot = 0;
+                    for (int e = 0; e < 16; e++) dot += q[16 * h + e] * xq[16 * h + e];
+                    sum += xd[h / 2] * (f[h] * (float)dot + (off ? o[h] * (float)xb[h] : 0.0f));
+                }
+                out[8 * r + i] += sum;
             }
-            acc[m - m0].v[r] += sum;
-            accmin[m - m0].v[r] += sum2;
         }
-    }
 }
 #endif
 
 /* ------------------------------------------------------------------ the product
  * y [M, N] = x [M, K] @ W.T, W packed, x and y float32 or bfloat16. OpenMP over groups of 8
  * output rows: each thread takes one contiguous range of groups (one sequential stream of
- * weights); each group block is unpacked once for up to MBLOCK activation rows, which stay in
- * cache while the thread's weights pass by. */
+ * weights). Activation rows go in blocks of MBLOCK, which stay in cache while the thread's
+ * weights pass by, and within them 4 at a time through each group. */
 
 #define MBLOCK 64
 
+/* Groups g0..g1-1 of W against all M activation rows. */
+static void product_part(int t, const uint8_t* w, int64_t N, int64_t nb, const Act* a, void* y, int y_bf16, int64_t M,
+                         int64_t g0, int64_t g1) {
+    int64_t GB = llmkit_group_bytes(t);
+    float out[32];
+    for (int64_t mb = 0; mb < M; mb += MBLOCK) {
+        int64_t me = mb + MBLOCK < M ? mb + MBLOCK : M;
+        for (int64_t g = g0; g < g1; g++) {
+            int rows = N - g * 8 < 8 ? (int)(N - g * 8) : 8;
+            for (int64_t m = mb; m < me; m += 4) {
+                int mr = me - m < 4 ? (int)(me - m) : 4;
+                group_rows(t, w + g * nb * GB, nb, a, m, mr, out);
+                for (int r = 0; r < mr; r++) {
+                    if (y_bf16) for (int i = 0; i < rows; i++) ((uint16_t*)y)[(m + r) * N + g * 8 + i] = to_bf16(out[8 * r + i]);
+                    else memcpy((float*)y + (m + r) * N + g * 8, out + 8 * r, sizeof(float) * rows);
+                }
+            }
+        }
+    }
+}
+
 void llmkit_matmul(int t, const uint8_t* w, int64_t N, int64_t K, const void* x, int x_bf16, void* y, int y_bf16,
                    int64_t M, int nthreads) {
-    int64_t n32 = K / 32, E = llmkit_block_elems(t), nb = K / E, GB = llmkit_group_bytes(t), groups = (N + 7) / 8;
+    int64_t n32 = K / 32, nb = K / llmkit_block_elems(t), groups = (N + 7) / 8;
     int8_t* buf = malloc((size_t)(M * K + M * n32 * 8 + M * (K / 16) * 2) + 64);
     if (!buf) return;
     Act a = {buf, (float*)(buf + ((M * K + 31) & ~31)), NULL, NULL, K};
     a.s = a.d + M * n32;
     a.b16 = (int16_t*)(a.s + M * n32);
+    if (N * K * (M < 8 ? M : 8) <= 65536 || nthreads <= 1) {
+        /* Small work: no parallel region at all. (Switching libgomp's team between one thread and
+         * several costs more than such a product.) */
+        llmkit_quantize_activations(x, x_bf16, M, K, a.q, a.d, a.s, a.b16);
+        product_part(t, w, N, nb, &a, y, y_bf16, M, 0, groups);
+        free(buf);
+        return;
+    }
     int serial = M * K <= 16384;
     if (serial) llmkit_quantize_activations(x, x_bf16, M, K, a.q, a.d, a.s, a.b16);
-    #pragma omp parallel num_threads(nthreads) if (N * K > 65536)
+    #pragma omp parallel num_threads(nthreads)
     {
         int nt = 1, id = 0;
 #ifdef _OPENMP
@@ -599,24 +663,17 @@ void llmkit_matmul(int t, const uint8_t* w, int64_t N, int64_t K, const void* x,
                                  a.s + m * n32, a.b16 + m * (K / 16));
         }
         int64_t per = (groups + nt - 1) / nt, g0 = id * per, g1 = g0 + per < groups ? g0 + per : groups;
-        Acc acc[MBLOCK], accmin[MBLOCK];
-        for (int64_t mb = 0; mb < M; mb += MBLOCK) {
-            int64_t me = mb + MBLOCK < M ? mb + MBLOCK : M;
-            for (int64_t g = g0; g < g1; g++) {
-                acc_zero(acc, me - mb);
-                acc_zero(accmin, me - mb);
-                for (int64_t b = 0; b < nb; b++) group_block(t, w + (g * nb + b) * GB, &a, b, mb, me, acc, accmin);
-                int rows = N - g * 8 < 8 ? (int)(N - g * 8) : 8;
-                for (int64_t m = mb; m < me; m++) {
-                    float out[8];
-                    acc_get(acc + (m - mb), accmin + (m - mb), out);
-                    if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[m * N + g * 8 + r] = to_bf16(out[r]);
-                    else memcpy((float*)y + m * N + g * 8, out, sizeof(float) * rows);
-                }
-            }
-        }
+        product_part(t, w, N, nb, &a, y, y_bf16, M, g0, g1);
     }
     free(buf);
+}
+
+/* The same, with the matrix described once (the call from Python passes fewer arguments):
+ * flags bit 0: x is bfloat16, bit 1: y is bfloat16. */
+typedef struct { int64_t type; const uint8_t* w; int64_t N, K; } Matrix;
+
+void llmkit_matmul_m(const Matrix* mat, const void* x, void* y, int64_t M, int flags, int nthreads) {
+    llmkit_matmul((int)mat->type, mat->w, mat->N, mat->K, x, flags & 1, y, (flags >> 1) & 1, M, nthreads);
 }
 
 /* ------------------------------------------------------------------ quantizing float weights */

@@ -3,16 +3,20 @@
 Decoding is bound by memory bandwidth: every token reads every weight once, so a 4-bit block
 format read as it is stored moves 4-7x fewer bytes than the same weights dequantized to bfloat16 or
 float32. ``QuantMatrix`` holds a [out_features, in_features] matrix in one of the block formats
-below (the bytes of a GGUF tensor as they are, or a float tensor quantized here) and multiplies by
-it without unpacking it to memory:
+below (a GGUF tensor's bytes, or a float tensor quantized here), repacked once without changing a
+bit of it (rows in groups of 8, blocks side by side: one SIMD lane per output row; Q4_K and Q5_K
+store their 6-bit scales unpacked, 2-3% more bytes), and multiplies by it without unpacking it to
+memory:
 
 - a few rows (decode, continuous batching): the activations are quantized per block of 32 to int8
   with one scale (as llama.cpp does), each weight block is unpacked in registers and multiplied in
   integers (AVX2 ``maddubs``, or VNNI dot products where the compiler targets them), scaled once
   per block; OpenMP threads each stream a contiguous range of weight rows;
-- many rows (prefill): a tile of the weights is dequantized and multiplied by torch's matmul
-  (oneDNN / MKL), which outruns the integer kernel once enough rows share each weight
-  (``PREFILL_ROWS``, measured in bench/quant_kernels.py).
+- many rows (prefill): the same kernel, 4 activation rows per pass over each unpacked weight;
+  where oneDNN multiplies bfloat16 natively (AVX512-BF16, AMX), bfloat16 activations of
+  ``PREFILL_ROWS`` rows or more go instead through tiles of the weights dequantized to bfloat16
+  and oneDNN's matmul. On AVX2 alone the integer kernel is the faster of the two at every row
+  count measured (bench/quant_kernels.py, "prefill_paths"), float32 MKL included.
 
 The C source (quant.c, next to this file) is compiled on first use by ``llmkit.engine.native``;
 where that fails ``available()`` is False and callers keep their torch path. Dequantization agrees
@@ -26,6 +30,7 @@ writes Q8_0, Q4_0, Q5_0 and Q4_K from float weights.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from pathlib import Path
 
@@ -45,7 +50,8 @@ KINDS = {"q8_0": 8, "q4_0": 2, "q5_0": 6, "q4_k": 12}
 # Q4_K needs rows that are whole blocks of 256; other rows get Q5_0, as llama.cpp's quantizer does
 _FALLBACK = {12: 6}
 
-# From this many rows per call on, dequantize a tile and use torch's matmul (bench/quant_kernels.py).
+# From this many bfloat16 rows per call on, where oneDNN has native bfloat16, dequantize tiles and
+# use its matmul (bench/quant_kernels.py measures both paths).
 PREFILL_ROWS = 128
 _TILE_BYTES = 32 << 20  # the dequantized tile's size bound in the prefill path
 
@@ -53,6 +59,7 @@ _SOURCE = (Path(__file__).with_name("quant.c")).read_text()
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _FUNCTIONS = {
     "llmkit_matmul": ([_I, _P, _I64, _I64, _P, _I, _P, _I, _I64, _I], None),
+    "llmkit_matmul_m": ([_P, _P, _P, _I64, _I, _I], None),
     "llmkit_dequantize": ([_I, _P, _I64, _P, _I64, _P, _I, _I], None),
     "llmkit_pack": ([_I, _P, _I64, _I64, _P, _I], None),
     "llmkit_group_bytes": ([_I], _I),
@@ -60,15 +67,21 @@ _FUNCTIONS = {
     "llmkit_quantize_activations": ([_P, _I, _I64, _I64, _P, _P, _P, _P], None),
     "llmkit_simd_level": ([], ctypes.c_int),
 }
-# Build variants: what the machine can run best, and for tests the AVX2 path and the portable C.
+# Build variants: what the machine can run best, and for tests the AVX2 path, the VNNI path with
+# its dot product emulated in AVX2 (for machines without VNNI) and the portable C.
 # -ffp-contract=off: dequantization must round exactly as the reference does (see quant.c).
 VARIANTS = {
     "native": ("-march=native", "-ffp-contract=off"),
     "avx2": ("-march=native", "-mno-avx512f", "-mno-avxvnni", "-ffp-contract=off"),
+    "vnni-emulated": ("-march=native", "-DLLMKIT_EMULATE_VNNI", "-ffp-contract=off"),
     "portable": ("-march=native", "-DLLMKIT_SCALAR", "-ffp-contract=off"),
     "generic": ("-DLLMKIT_SCALAR", "-ffp-contract=off"),  # no -march: for compilers that lack it
 }
-SIMD_LEVELS = {0: "portable C", 1: "AVX2", 2: "AVX2 + VNNI"}
+SIMD_LEVELS = {0: "portable C", 1: "AVX2", 2: "AVX2 + VNNI", 3: "AVX2 + VNNI emulated"}
+
+
+class _Matrix(ctypes.Structure):  # quant.c's Matrix: what each call would otherwise pass again
+    _fields_ = [("type", ctypes.c_int64), ("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64)]
 
 
 class QuantError(LLMKitError, ValueError):
@@ -81,6 +94,7 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, variant: str):
         self.variant = variant
         self.matmul = lib.llmkit_matmul
+        self.matmul_m = lib.llmkit_matmul_m
         self.dequantize = lib.llmkit_dequantize
         self.quantize = lib.llmkit_quantize
         self.quantize_activations = lib.llmkit_quantize_activations
@@ -139,9 +153,10 @@ class QuantMatrix:
         self._packed = torch.empty(groups * blocks * kern.group_bytes(self.ggml_type), dtype=torch.uint8)
         kern.pack(self.ggml_type, raw_ptr, n, k, self._packed.data_ptr(), torch.get_num_threads())
         self._ptr = self._packed.data_ptr()
-        self.nbytes = self._packed.numel()
+        self.nbytes = self._packed.numel()  # what one product reads
         self.kernels = kern
-        self._matmul = kern.matmul
+        self._desc = _Matrix(self.ggml_type, self._ptr, n, k)
+        self._call = functools.partial(kern.matmul_m, ctypes.addressof(self._desc))
 
     # ------------------------------------------------------------------ making one
 
@@ -194,24 +209,34 @@ class QuantMatrix:
 
     # ------------------------------------------------------------------ using one
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T. ``out``: an optional contiguous [rows, out_features] tensor of x's dtype to write
+        into, for a 2-D contiguous float32 or bfloat16 x (unused on the tiled bfloat16 path)."""
         n, k = self.shape
+        if x.dim() == 2 and x.is_contiguous() and x.shape[1] == k:  # the common case, kept short
+            dtype = x.dtype
+            m = x.shape[0]
+            if dtype is torch.float32 or (dtype is torch.bfloat16 and (m < PREFILL_ROWS or not _native_bf16())):
+                if out is None:
+                    y = torch.empty(m, n, dtype=dtype)
+                elif out.dtype is dtype and out.is_contiguous() and out.shape == (m, n):
+                    y = out
+                else:
+                    raise QuantError(f"out must be a contiguous {dtype} tensor of shape ({m}, {n})")
+                self._call(x.data_ptr(), y.data_ptr(), m, 3 if dtype is torch.bfloat16 else 0, torch.get_num_threads())
+                return y
         if x.shape[-1] != k:
             raise QuantError(f"input has {x.shape[-1]} features; this matrix takes {k}")
         dtype = x.dtype
         if dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
-        x2 = x.reshape(-1, k)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        x2 = x.reshape(-1, k).contiguous()
         m = x2.shape[0]
-        if m >= PREFILL_ROWS:
+        if x2.dtype is torch.bfloat16 and m >= PREFILL_ROWS and _native_bf16():
             y = self._prefill(x2)
         else:
-            y = torch.empty((m, n), dtype=x2.dtype)
-            bf16 = x2.dtype == torch.bfloat16
-            self._matmul(self.ggml_type, self._ptr, n, k, x2.data_ptr(), bf16, y.data_ptr(), bf16, m,
-                         torch.get_num_threads())
+            y = torch.empty(m, n, dtype=x2.dtype)
+            self._call(x2.data_ptr(), y.data_ptr(), m, 3 if x2.dtype is torch.bfloat16 else 0, torch.get_num_threads())
         y = y.view(*x.shape[:-1], n)
         return y if y.dtype == dtype else y.to(dtype)
 
@@ -227,7 +252,7 @@ class QuantMatrix:
         y = torch.empty(x.shape[0], n, dtype=wdtype)
         for n0 in range(0, n, rows):
             r = min(rows, n - n0)
-            ids = self._tile_ids(n0, r)
+            ids = torch.arange(n0, n0 + r, dtype=torch.int64)
             self.kernels.dequantize(self.ggml_type, self._ptr, k, ids.data_ptr(), r, tile.data_ptr(), low,
                                     torch.get_num_threads())
             if r == n:
@@ -235,9 +260,6 @@ class QuantMatrix:
             else:
                 y[:, n0:n0 + r] = torch.mm(xx, tile[:r].t())
         return y if y.dtype == x.dtype else y.to(x.dtype)
-
-    def _tile_ids(self, n0: int, r: int) -> torch.Tensor:
-        return torch.arange(n0, n0 + r, dtype=torch.int64)
 
     def dequantize(self) -> torch.Tensor:
         """The whole matrix as float32 [out, in] (bit for bit what gguf.quants.dequantize gives)."""
@@ -257,6 +279,9 @@ class QuantMatrix:
         self.kernels.dequantize(self.ggml_type, self._ptr, k, flat.data_ptr(), flat.numel(), out.data_ptr(), 0,
                                 torch.get_num_threads())
         return out.view(*torch.as_tensor(ids).shape, k)
+
+    def __deepcopy__(self, memo) -> "QuantMatrix":
+        return self  # never changed after it is made: copies may share it
 
     def __repr__(self) -> str:
         return (f"QuantMatrix({TYPES[self.ggml_type][0]}, out={self.shape[0]}, in={self.shape[1]}, "
