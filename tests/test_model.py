@@ -99,7 +99,8 @@ def test_one_pass_over_a_prompt_chunk_and_decode_rows_equals_separate_passes(arc
     assert [t.shape for t in together] == [(1, 1, v), (2, 1, v)]
     for got, want in zip(together, apart):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-6, atol=1e-6)
+    # the keys come out of matmuls over different numbers of rows: float32 rounding, as the logits
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-5)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():

@@ -220,7 +220,9 @@ def test_lora_under_fsdp_matches_one_process(tiny_model_dir, tmp_path):
     adapter_two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert adapter_one.keys() == adapter_two.keys()
     for k in adapter_one:
-        torch.testing.assert_close(adapter_two[k], adapter_one[k], atol=1e-5, rtol=1e-4)
+        # Adam divides by the square root of tiny second moments, so the rounding of a gradient summed
+        # in another order (two ranks) can move a near-zero entry by ~lr-scaled 1e-5 (seen on AVX2)
+        torch.testing.assert_close(adapter_two[k], adapter_one[k], atol=1e-4, rtol=1e-4)
     ids = llmkit.load(base).tokenizer.encode("Color of Travok?")
     torch.testing.assert_close(llmkit.load(tmp_path / "two").logits(ids), llmkit.load(tmp_path / "one").logits(ids),
                                atol=1e-4, rtol=1e-4)

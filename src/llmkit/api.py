@@ -327,9 +327,9 @@ class LLM(TaskMixin):
             pieces[event.index].append(event.text)
         return ["".join(p) for p in pieces]
 
-    def _stream_ids(self, ids: list[int], params: SamplingParams, options: dict) -> Iterator[str]:
+    def _stream_ids(self, ids: list[int], params: SamplingParams, options: dict | None = None) -> Iterator[str]:
         # check now, not at the first next(): errors belong to the call that caused them
-        (request,) = self.requests([ids], params, **options)
+        (request,) = self.requests([ids], params, **(options or {}))
         self.check(request)
         self._check_adapter(request.adapter)
 
