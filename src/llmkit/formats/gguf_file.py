@@ -1,8 +1,8 @@
 """A fast GGUF file reader: header and metadata parsed in one pass, tensors memory-mapped.
 
 Why not ``gguf.GGUFReader``: it builds a numpy view for every part of every field, which takes
-about 5 s for a 49k-token vocabulary (measured on this project's reference machine); this
-reader parses the same header with ``struct`` in well under a second. The common quantizations
+seconds for a 49k-token vocabulary; this reader parses the same header with ``struct`` in a
+fraction of that. The common quantizations
 (Q4_0, Q4_1, Q8_0) are dequantized with vectorised torch ops here; every other type goes to
 ``gguf.quants.dequantize``. Tests check both against ``GGUFReader``.
 """
