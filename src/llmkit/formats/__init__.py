@@ -25,7 +25,7 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
 
         return read_gguf(path, dtype, device, keep_quantized)
     if path.is_dir():
-        from llmkit.formats.peft import is_adapter, read_adapter
+        from llmkit.formats.peft import is_adapter
 
         if is_adapter(path):  # a LoRA adapter folder: its base model with the adapter merged in
             return read_adapter(path, dtype, device)
@@ -50,3 +50,24 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     raise ModelNotFoundError(f"{path} does not exist")
 
 
+def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A ``llmkit.formats.Checkpoint`` of a PEFT LoRA adapter folder (llmkit's or PEFT's own): its base
+    model (read the usual way, by the name or path the adapter records) with the adapter merged in."""
+    from llmkit import store
+    from llmkit.formats.peft import merge_peft_weights, read_peft
+
+    folder = Path(folder)
+    config, weights = read_peft(folder)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelFormatError(f"{folder}: adapter_config.json names no base model (base_model_name_or_path)")
+    base_path = Path(base)
+    if not base_path.exists():
+        try:
+            base_path = store.resolve(base)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{folder}: the adapter's base model: {exc}") from None
+    ckpt = read_checkpoint(base_path, dtype=torch.float32, device="cpu")
+    merge_peft_weights(ckpt.model, weights, config, str(folder))
+    ckpt.model.to(device=device, dtype=dtype).eval()
+    return Checkpoint(config=ckpt.config, model=ckpt.model, tokenizer=ckpt.tokenizer, path=folder, format="lora")

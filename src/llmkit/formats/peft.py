@@ -108,28 +108,3 @@ def read_peft(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFormatError(f"{folder}: {what}: llmkit reads LoRA adapters (adapter_config.json with "
                                "peft_type LORA and lora_alpha)")
     return config, weights
-
-
-def read_adapter(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A ``llmkit.formats.Checkpoint`` of a PEFT LoRA adapter folder (llmkit's or PEFT's own): its base
-    model (read the usual way, by the name or path the adapter records) with the adapter merged in."""
-    from llmkit import store
-    from llmkit.errors import ModelFormatError, ModelNotFoundError
-    from llmkit.formats import read_checkpoint
-    from llmkit.formats.base import Checkpoint
-
-    folder = Path(folder)
-    config, weights = read_peft(folder)
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ModelFormatError(f"{folder}: adapter_config.json names no base model (base_model_name_or_path)")
-    base_path = Path(base)
-    if not base_path.exists():
-        try:
-            base_path = store.resolve(base)
-        except ModelNotFoundError as exc:
-            raise ModelNotFoundError(f"{folder}: the adapter's base model: {exc}") from None
-    ckpt = read_checkpoint(base_path, dtype=torch.float32, device="cpu")
-    merge_peft_weights(ckpt.model, weights, config, str(folder))
-    ckpt.model.to(device=device, dtype=dtype).eval()
-    return Checkpoint(config=ckpt.config, model=ckpt.model, tokenizer=ckpt.tokenizer, path=folder, format="lora")

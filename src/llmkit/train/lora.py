@@ -25,9 +25,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from llmkit.formats.peft import (  # noqa: F401 - reading adapters is a format concern; kept importable here
+from llmkit.formats import read_adapter  # noqa: F401 - reading adapters is a format concern; kept importable here
+from llmkit.formats.peft import (  # noqa: F401
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, _map_layer, is_adapter, merge_peft_weights, peft_updates,
-    read_adapter, read_peft)
+    read_peft)
 from llmkit.train.errors import TrainConfigError
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
