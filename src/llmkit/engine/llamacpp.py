@@ -74,6 +74,7 @@ class LlamaCppExecutor:
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
         self.context_length = min(context_length, params.n_ctx)
         self.kv_cells = self.token_budget = params.n_ctx  # one pool: the engine admits against it
+        self._top: dict[int, int] = {}  # each sequence's highest position in the cache
         self.threads = threads
 
     def _run(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
@@ -111,11 +112,22 @@ class LlamaCppExecutor:
             last = len(ids) - 1
             entries += [(t, start + i, slot, i == last) for i, t in enumerate(ids)]
         entries += [(t, p, s, True) for s, t, p in decode]
+        # llama.cpp refuses a position its sequence already holds: drop what a rejected speculative
+        # check left past the first position written now
+        first: dict[int, int] = {}
+        for _, pos, seq, _ in entries:
+            first[seq] = min(pos, first.get(seq, pos))
+        for seq, pos in first.items():
+            if self._top.get(seq, -1) >= pos:
+                self.L.llama_memory_seq_rm(self.L.llama_get_memory(self._ctx), seq, pos, -1)
         rows = self._run(entries)
+        for _, pos, seq, _ in entries:
+            self._top[seq] = max(pos, self._top.get(seq, -1))
         return list(rows[: len(chunks)]), rows[len(chunks) :]
 
     def release(self, slot: int) -> None:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self._ctx), slot, -1, -1)
+        self._top.pop(slot, None)
 
     def close(self) -> None:
         """Free llama.cpp's context and model. Runs at interpreter exit at the latest: freeing them
