@@ -158,11 +158,27 @@ class QuantOps(TorchOps):
         from llmkit.engine.quant import QuantMatrix
 
         super().__init__(model, device)
-        by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape) for name, q in (quantized or {}).items()}
+        quantized = quantized or {}
+        # q/k/v and gate/up stored in one block type: one matrix (their rows stacked) and one call each
+        self.fused: dict[tuple[int, ...], tuple[object, list[int]]] = {}
+        stacked_names: set[str] = set()
+        for name, module in model.named_modules():
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                keys = [f"{name}.{n}.weight" for n in names]
+                parts = [quantized.get(k) for k in keys]
+                group = [getattr(module, n, None) for n in names]
+                if all(parts) and len({q.ggml_type for q in parts}) == 1 and len({q.shape[1] for q in parts}) == 1 \
+                        and all(g is not None and g.bias is None for g in group):
+                    stacked = torch.cat([q.data.reshape(q.shape[0], -1) for q in parts])
+                    matrix = QuantMatrix.from_gguf(stacked, parts[0].ggml_type, (stacked.shape[0], parts[0].shape[1]))
+                    self.fused[tuple(id(g) for g in group)] = (matrix, [q.shape[0] for q in parts])
+                    stacked_names.update(keys)
+        by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape)
+                   for name, q in quantized.items() if name not in stacked_names}
         if quantize is not None:  # a float model: its linears quantized to ``quantize`` blocks, here
             by_name.update({f"{name}.weight": QuantMatrix.quantize(m.weight, quantize)
                             for name, m in model.named_modules() if type(m) is nn.Linear})
-        self.matrices: dict[int, object] = {}  # id(module) -> QuantMatrix
+        self.matrices: dict[int, object] = {}  # id(module) -> QuantMatrix (members of fused groups excepted)
         for name, module in model.named_modules():
             matrix = by_name.get(f"{name}.weight")
             if matrix is not None:
@@ -173,6 +189,10 @@ class QuantOps(TorchOps):
             self.matrices[id(tied)] = by_name["embed.weight"]
 
     def linear(self, modules, x):
+        fused = self.fused.get(tuple(map(id, modules))) if len(modules) > 1 else None
+        if fused is not None:
+            outs = fused[0](x).split(fused[1], dim=-1)
+            return self._lora(modules, x, outs) if self.row_groups else outs
         out = []
         for m in modules:
             matrix = self.matrices.get(id(m))
