@@ -173,7 +173,7 @@ def test_gguf_blocks_run_on_the_native_kernels(arch, tiny_llm_for, tmp_path):
     fast, ref = llmkit.load(path), llmkit.load(path, dtype="float32")
     assert fast.executor_name == "torch+gguf-kernels"
     executor = fast.engine.executor
-    assert len(executor.ops.matrices) >= 7 * fast.config.num_layers
+    assert executor.ops.modules_on_blocks >= 7 * fast.config.num_layers
     assert executor.model.layers[0].attn.q_proj.weight.is_meta  # never allocated
     ids = ref.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     # the kernels quantize activations to int8 per block, as llama.cpp does: a few percent here
@@ -537,7 +537,7 @@ def test_gemma3_270m_tokenizer_and_template(gemma, gemma_gguf):
 def test_gemma3_270m_runs_by_default_on_its_q4_k_m_blocks(gemma_gguf, gemma):
     fast = llmkit.load(gemma_gguf)
     assert fast.executor_name == "torch+gguf-kernels"
-    assert len(fast.engine.executor.ops.matrices) >= 7 * 18  # Q4_K, Q6_K, Q5_0, Q8_0 tensors
+    assert fast.engine.executor.ops.modules_on_blocks >= 7 * 18  # Q4_K, Q6_K, Q5_0, Q8_0 tensors
     from importlib.resources import files
 
     text = files("llmkit").joinpath("data/heldout.txt").read_text()[:2000]

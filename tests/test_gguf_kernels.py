@@ -29,7 +29,7 @@ def test_the_default_keeps_gguf_blocks_and_an_explicit_dtype_dequantizes(smollm2
     assert layer.attn.q_proj.weight.is_meta and layer.mlp.down_proj.weight.is_meta  # never allocated
     ops = executor.ops
     assert ops.fused  # q/k/v and gate/up of one block type: one matrix and one call each
-    assert len(ops.matrices) + sum(len(sizes) for _, sizes in ops.fused.values()) >= 7 * smollm2_fast.config.num_layers
+    assert ops.modules_on_blocks >= 7 * smollm2_fast.config.num_layers
     assert llmkit.load(tiny_model_dir("llama")).executor_name == "torch"  # safetensors: float weights
 
 

@@ -188,6 +188,11 @@ class QuantOps(TorchOps):
                 and tied.weight is model.embed.weight:
             self.matrices[id(tied)] = by_name["embed.weight"]
 
+    @property
+    def modules_on_blocks(self) -> int:
+        """How many of the model's modules multiply by block-format weights (fused ones included)."""
+        return len(self.matrices) + sum(len(sizes) for _, sizes in self.fused.values())
+
     def linear(self, modules, x):
         fused = self.fused.get(tuple(map(id, modules))) if len(modules) > 1 else None
         if fused is not None:
