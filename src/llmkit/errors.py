@@ -51,12 +51,22 @@ def read_jsonl(path) -> "Iterator[tuple[int, dict]]":
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
                                 "convert the file to UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            yield number, row
+            row = jsonl_row(path, number, line)
+            if row is not None:
+                yield number, row
+
+
+def jsonl_row(path, number: int, line: str) -> "dict | None":
+    """One line of a JSONL file as an object, None for a blank line; DataError naming the file and
+    the line for anything else."""
+    import json
+
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+    return row

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from llmkit.errors import jsonl_row
 from llmkit.train.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
@@ -165,15 +165,9 @@ def _jsonl_rows(source: Source) -> Iterator[tuple[int, dict]]:
                 except UnicodeDecodeError as exc:
                     raise Unreadable(f"line {number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column "
                                      f"{exc.start + 1}); convert the file to UTF-8 (iconv -t UTF-8)") from None
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{source.path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{source.path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-                yield number, row
+                row = jsonl_row(source.path, number, text)
+                if row is not None:
+                    yield number, row
     except (OSError, EOFError) as exc:
         raise Unreadable(_corrupt(source, exc)) from None
 
