@@ -52,26 +52,10 @@ class Middleware:
         self.responses = [m for m in middlewares if hasattr(m, "on_response")]
 
     def on_request(self, body: dict) -> dict:
-        for m in self.requests:
-            try:
-                body = m.on_request(body)
-            except LLMKitError as exc:
-                raise refused(exc) from None
-            if not isinstance(body, dict):
-                raise APIError(500, f"middleware {type(m).__name__}.on_request returned "
-                                    f"{type(body).__name__}, not a dict", code="internal_error")
-        return body
+        return _through(self.requests, "on_request", body)
 
     def on_response(self, body: dict) -> dict:
-        for m in self.responses:
-            try:
-                body = m.on_response(body)
-            except LLMKitError as exc:
-                raise refused(exc) from None
-            if not isinstance(body, dict):
-                raise APIError(500, f"middleware {type(m).__name__}.on_response returned "
-                                    f"{type(body).__name__}, not a dict", code="internal_error")
-        return body
+        return _through(self.responses, "on_response", body)
 
     def answer(self, body: dict) -> JSONResponse:
         return JSONResponse(self.on_response(body))
@@ -302,3 +286,17 @@ def add_plugin_routes(app: FastAPI, routes: list, parse_json) -> None:
 
         app.add_api_route(path, endpoint, methods=[method], summary=f"(plugin) {method} {path}",
                           name=f"plugin:{path}")
+
+
+def _through(middlewares: list, hook: str, body: dict) -> dict:
+    """``body`` passed through each middleware's ``hook`` in order: a refusal (LLMKitError) is a
+    400, anything but a dict back is the middleware's bug (500)."""
+    for m in middlewares:
+        try:
+            body = getattr(m, hook)(body)
+        except LLMKitError as exc:
+            raise refused(exc) from None
+        if not isinstance(body, dict):
+            raise APIError(500, f"middleware {type(m).__name__}.{hook} returned "
+                                f"{type(body).__name__}, not a dict", code="internal_error")
+    return body
