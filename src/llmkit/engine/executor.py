@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit import cpu_attention
+from llmkit.engine.step import DecodeStep
 from llmkit.model import OffsetRMSNorm, Ops, RMSNorm
 from llmkit.threads import in_fresh_thread
 
@@ -165,19 +166,27 @@ class QuantOps(TorchOps):
         for name, module in model.named_modules():
             for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
                 keys = [f"{name}.{n}.weight" for n in names]
-                parts = [quantized.get(k) for k in keys]
                 group = [getattr(module, n, None) for n in names]
-                if all(parts) and len({q.ggml_type for q in parts}) == 1 and len({q.shape[1] for q in parts}) == 1 \
-                        and all(g is not None and g.bias is None for g in group):
+                if not all(g is not None and g.bias is None for g in group):
+                    continue
+                if quantize is not None and all(type(g) is nn.Linear for g in group):
+                    # a float model: the group's weights quantized as one matrix
+                    matrix = QuantMatrix.quantize(torch.cat([g.weight.detach() for g in group]), quantize)
+                    self.fused[tuple(id(g) for g in group)] = (matrix, [g.out_features for g in group])
+                    stacked_names.update(keys)
+                    continue
+                parts = [quantized.get(k) for k in keys]
+                if all(parts) and len({q.ggml_type for q in parts}) == 1 and len({q.shape[1] for q in parts}) == 1:
                     stacked = torch.cat([q.data.reshape(q.shape[0], -1) for q in parts])
                     matrix = QuantMatrix.from_gguf(stacked, parts[0].ggml_type, (stacked.shape[0], parts[0].shape[1]))
                     self.fused[tuple(id(g) for g in group)] = (matrix, [q.shape[0] for q in parts])
                     stacked_names.update(keys)
         by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape)
                    for name, q in quantized.items() if name not in stacked_names}
-        if quantize is not None:  # a float model: its linears quantized to ``quantize`` blocks, here
+        if quantize is not None:  # a float model: its other linears quantized to ``quantize`` blocks, here
             by_name.update({f"{name}.weight": QuantMatrix.quantize(m.weight, quantize)
-                            for name, m in model.named_modules() if type(m) is nn.Linear})
+                            for name, m in model.named_modules()
+                            if type(m) is nn.Linear and f"{name}.weight" not in stacked_names})
         self.matrices: dict[int, object] = {}  # id(module) -> QuantMatrix (members of fused groups excepted)
         for name, module in model.named_modules():
             matrix = by_name.get(f"{name}.weight")
@@ -247,6 +256,8 @@ class TorchExecutor:
         blocks = bool(quantized) or quantize is not None
         self.ops = QuantOps(model, self.device, quantized, quantize) if blocks else TorchOps(model, self.device)
         self.name = "torch+gguf-kernels" if blocks else "torch"
+        # decode-only passes of Llama-family models in one native call (None: layer by layer)
+        self.step = DecodeStep.build(model, self.ops) if blocks and self.device.type == "cpu" else None
         self.slot_adapters: dict[int, str] = {}  # slots whose request runs on a LoRA adapter
 
     @property
@@ -289,7 +300,27 @@ class TorchExecutor:
         """Prompt chunks (slot, ids, start) and decode tokens (slot, token, position) in one pass
         (Transformer.forward_many): the weights are read once for all of them, so a new request's
         prompt costs the running ones little. Returns each chunk's last logits [V] and the decode
-        logits [B, V]."""
+        logits [B, V].
+
+        With a DecodeStep, the decode rows on the base model always go through it, and the rest of
+        the pass (prompt chunks, rows on LoRA adapters) through the modules: a row's arithmetic
+        then never depends on what else shares its pass, so batched and lone outputs agree."""
+        if self.step is not None and decodes and self.cache.k.dtype == torch.float32:
+            base = [i for i, (slot, _, _) in enumerate(decodes) if slot not in self.slot_adapters]
+            if base:
+                others = [i for i in range(len(decodes)) if i not in set(base)]
+                chunk_logits, other_logits = self._modules(chunks, [decodes[i] for i in others]) \
+                    if chunks or others else ([], None)
+                base_logits = self._step([decodes[i] for i in base])
+                if not others:
+                    return chunk_logits, base_logits
+                logits = torch.empty(len(decodes), base_logits.shape[-1], dtype=base_logits.dtype)
+                logits[base], logits[others] = base_logits, other_logits
+                return chunk_logits, logits
+        return self._modules(chunks, decodes)
+
+    def _modules(self, chunks, decodes) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The pass through the model's modules (Transformer.forward_many)."""
         d = self.device
         batches = [(torch.tensor([ids], device=d), torch.arange(start, start + len(ids), device=d)[None],
                     torch.tensor([slot], device=d)) for slot, ids, start in chunks]
@@ -300,6 +331,14 @@ class TorchExecutor:
         self.ops.row_groups = self._row_groups(chunks, decodes) if self.slot_adapters else []
         out = self.model.forward_many(batches, cache=self.cache, last_only=True, ops=self.ops)
         return [o[0, -1] for o in out[: len(chunks)]], (out[-1][:, -1] if decodes else out[:0])
+
+    def _step(self, decodes: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Decode rows through DecodeStep: the embedding, every layer in one call, the head."""
+        slots, tokens, positions = zip(*decodes)
+        self.ops.row_groups = []
+        model = self.model
+        x = self.step(self.ops.embed(model.embed, torch.tensor(tokens)), slots, positions, self.cache)
+        return self.ops.linear((model.lm_head,), self.ops.norm(model.norm, x))[0].float()
 
     def _row_groups(self, chunks, decodes) -> list[tuple[str, torch.Tensor]]:
         """The pass's rows (chunks' tokens, then decode rows, in order) grouped by adapter."""

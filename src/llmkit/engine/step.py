@@ -1,0 +1,155 @@
+"""A decode step in one native call, for Llama-family models on block-format weights.
+
+At one token per sequence the matrix products of a small model take less time than the Python
+dispatch of the twenty-odd small operations around them in every layer (norms, rotary embedding,
+cache writes, residual adds). ``DecodeStep`` runs every layer of a pass made only of decode rows
+in one call into ``step.c`` (which reuses llmkit.cpu_attention's kernel and llmkit.engine.quant's
+matrix product): the same operations in the same order as llmkit.model, without the dispatch.
+
+It covers what most local models are: RMS norms, rotary positions (default, linear or Llama 3
+scaling), SwiGLU MLPs, grouped-query attention with or without per-head q/k norms and one sliding
+window for all layers, float32 activations and cache, q/k/v and gate/up each stacked in one block
+matrix and no biases. ``DecodeStep.build`` returns None for anything else, and for passes it cannot
+take (prompt chunks, LoRA rows) the executor keeps the module path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from llmkit import cpu_attention
+from llmkit.engine import native
+from llmkit.model import RMSNorm, rope_kind
+
+log = logging.getLogger(__name__)
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SOURCE = "#include <stdlib.h>\n#include <string.h>\n" + cpu_attention._SOURCE + Path(__file__).with_name("step.c").read_text()
+_FUNCTIONS = {"llmkit_decode_layers": ([_P, _P, _I64, _P, _P, _P, _P, _I64, _I64, ctypes.c_int], ctypes.c_int)}
+_MATMUL = ctypes.CFUNCTYPE(None, _P, _P, _P, _I64, ctypes.c_int, ctypes.c_int)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P), ("attn_norm", _P), ("mlp_norm", _P),
+                ("q_norm", _P), ("k_norm", _P)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("layers", _I64), ("C", _I64), ("H", _I64), ("Hk", _I64), ("D", _I64), ("F", _I64), ("rot", _I64),
+                ("window", _I64), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("rope_factor", ctypes.c_float),
+                ("inv_freq", _P), ("layer", _P), ("matmul", _P)]
+
+
+_lib: list = []
+_lock = threading.Lock()
+
+
+def _library():
+    with _lock:
+        if not _lib:
+            # -ffast-math as for the attention kernel alone: glibc's vector expf needs it
+            _lib.append(native.load("decode-step", _SOURCE, ("-march=native", "-ffast-math"), _FUNCTIONS))
+    return _lib[0]
+
+
+class DecodeStep:
+    """Every layer of a decode-only pass in one call: hidden states in, hidden states out."""
+
+    def __init__(self, model, ops, lib):
+        c = model.config
+        self.model, self.lib = model, lib
+        self.hidden = c.hidden_size
+        self._keep = []  # what the C structs point into, alive as long as this object
+        layers = (_Layer * c.num_layers)()
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.attn, block.mlp
+            qkv = ops.fused[(id(attn.q_proj), id(attn.k_proj), id(attn.v_proj))][0]
+            gate_up = ops.fused[(id(mlp.gate_proj), id(mlp.up_proj))][0]
+            o, down = ops.matrices[id(attn.o_proj)], ops.matrices[id(mlp.down_proj)]
+            norms = [self._f32(block.attn_norm.weight), self._f32(block.mlp_norm.weight)]
+            if attn.qk_norm:
+                norms += [self._f32(attn.q_norm.weight), self._f32(attn.k_norm.weight)]
+            layers[i] = _Layer(*(ctypes.addressof(m._desc) for m in (qkv, o, gate_up, down)),
+                               *(n.data_ptr() for n in norms), *([None, None] if not attn.qk_norm else []))
+        self._keep.append(layers)
+        inv_freq = self._f32(model.inv_freq)
+        matmul = ctypes.cast(ops_kernels(ops).matmul_m, _P).value
+        scale = c.head_dim ** -0.5 * (model.layers[0].attn.q_scale or 1.0)
+        window = c.sliding_window if model.kinds == ["sliding"] else None
+        self.desc = _Model(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+                           c.rotary_dim, window or 0, c.norm_eps, scale, model.rope_factor, inv_freq.data_ptr(),
+                           ctypes.addressof(layers), matmul)
+        self._call = lib.llmkit_decode_layers
+
+    def _f32(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(torch.float32).contiguous()
+        self._keep.append(t)
+        return t
+
+    @classmethod
+    def build(cls, model, ops) -> "DecodeStep | None":
+        """The step for ``model`` run on ``ops`` (a QuantOps), or None where it does not apply or
+        the native code cannot be built here."""
+        reason = unsupported(model, ops)
+        if reason:
+            log.info("decode steps go layer by layer: %s", reason)
+            return None
+        lib = _library()
+        return cls(model, ops, lib) if lib is not None else None
+
+    def __call__(self, embedded: torch.Tensor, slots: list[int], positions: list[int], cache) -> torch.Tensor:
+        """``embedded`` [B, C] float32 (the rows' token embeddings) -> the hidden states after the
+        last layer [B, C], the cache written at (slot, position) of each row."""
+        if any(not 0 <= s < cache.slots for s in slots) or any(not 0 <= p < cache.max_len for p in positions):
+            raise IndexError(f"slots or positions outside the cache ({cache.slots} slots x {cache.max_len} positions)")
+        x = embedded.to(torch.float32).contiguous()
+        where = torch.tensor([slots, positions], dtype=torch.int64)
+        done = self._call(ctypes.byref(self.desc), x.data_ptr(), len(slots), where[0].data_ptr(), where[1].data_ptr(),
+                          cache.k.data_ptr(), cache.v.data_ptr(), cache.slots, cache.max_len, torch.get_num_threads())
+        if done != 0:
+            raise MemoryError("the decode step could not allocate its scratch memory")
+        return x
+
+
+def ops_kernels(ops):
+    """The quant kernels the ops' matrices were made with (all share one build)."""
+    first = next(iter(ops.matrices.values()), None) or next(iter(ops.fused.values()))[0]
+    return first.kernels
+
+
+def unsupported(model, ops) -> str:
+    """Why ``DecodeStep`` cannot run this model on these ops ('' when it can)."""
+    c = getattr(model, "config", None)
+    if c is None or not hasattr(ops, "fused"):
+        return "not a llmkit model on block-format weights"
+    if not cpu_attention.available():
+        return "the attention kernel could not be built"
+    checks = [
+        (c.norm == "rmsnorm" and all(type(b.attn_norm) is RMSNorm and type(b.mlp_norm) is RMSNorm for b in model.layers),
+         "norms other than RMSNorm"),
+        (c.mlp == "swiglu" and c.activation == "silu", f"MLP {c.mlp}/{c.activation}"),
+        (c.position == "rope" and rope_kind(c) in ("default", "linear", "llama3") and c.rotary_dim % 2 == 0,
+         "positions other than plain rotary"),
+        (not c.sandwich_norm and not c.embed_scale, "Gemma-style norms or embedding scale"),
+        (not c.attention_bias and not c.attention_out_bias and not c.mlp_bias, "biases"),
+        (len(model.kinds) == 1 and c.rope_local_theta is None, "layers that attend differently"),
+        (c.num_heads % c.num_kv_heads == 0, "query heads not a multiple of key heads"),
+        (model.norm.weight.dtype == torch.float32 and model.norm.weight.device.type == "cpu", "not float32 on the CPU"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            return reason
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        if (id(attn.q_proj), id(attn.k_proj), id(attn.v_proj)) not in ops.fused \
+                or (id(mlp.gate_proj), id(mlp.up_proj)) not in ops.fused \
+                or id(attn.o_proj) not in ops.matrices or id(mlp.down_proj) not in ops.matrices:
+            return "a layer whose matrices are not all in stacked block formats"
+        if attn.qk_norm and not (type(attn.q_norm) is RMSNorm and type(attn.k_norm) is RMSNorm):
+            return "q/k norms other than RMSNorm"
+    return ""
