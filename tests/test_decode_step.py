@@ -107,3 +107,25 @@ def test_a_prompt_chunk_in_the_pass_changes_no_decode_row(tiny_model_dir):
         executor.step = fused
     assert torch.equal(alone, beside)
     torch.testing.assert_close(chunk_logits[0], want_chunk[0])
+
+
+def test_matrices_kept_apart_where_block_types_differ(tiny_model_dir):
+    """Q4_K_M files store v (and some down) in Q6_K beside q and k in Q4_K: such groups are not
+    stacked, and the step multiplies their parts one by one."""
+    from llmkit.engine.quant import QuantMatrix
+
+    llm = llmkit.load(tiny_model_dir("llama"), quantize="q8_0")
+    executor = llm.engine.executor
+    ops = executor.ops
+    for block in executor.model.layers:
+        for group in ((block.attn.q_proj, block.attn.k_proj, block.attn.v_proj),
+                      (block.mlp.gate_proj, block.mlp.up_proj)):
+            del ops.fused[tuple(map(id, group))]
+            for m, kind in zip(group, ("q8_0", "q4_0", "q4_k")):
+                ops.matrices[id(m)] = QuantMatrix.quantize(m.weight, kind)
+    executor.step = step.DecodeStep.build(executor.model, ops)
+    with torch.inference_mode():
+        executor.fit(64, 2)
+    got, want = _both(executor, [(0, list(range(5, 17)), 0), (1, list(range(30, 35)), 0)],
+                      [(0, 7, 12), (1, 8, 5)])
+    _close(got, want)

@@ -173,3 +173,37 @@ def test_fuzzed_files_load_or_raise_a_format_error_naming_the_file(tiny_llm_for,
         except Exception as exc:  # what this test is for: nothing else may escape
             wrong.append(f"{label}: {type(exc).__name__}: {exc}")
     assert not wrong, "\n".join(wrong[:10])
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split()[0] and len(line.split()) >= 5:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")  # a read-only mapping
+def test_release_drops_a_tensors_pages_from_resident_memory(tmp_path):
+    path = tmp_path / "big.gguf"
+    w = GGUFWriter(str(path), "llama")
+    data = np.random.default_rng(0).integers(0, 255, (2048, 4096), dtype=np.uint8)
+    w.add_tensor("big", data.view(np.int8), raw_dtype=Q.I8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GGUFFile(path)
+    info = f.tensors[0]
+    raw = torch.from_numpy(np.asarray(f.raw(info)))
+    assert f.maps(raw) and not f.maps(raw.clone())
+    assert int(raw.sum()) == int(data.sum())  # every page read in
+    before = _mapped_kib(path)
+    assert before >= 8000
+    f.release(raw)
+    assert _mapped_kib(path) < before - 7000
+    assert int(raw.sum()) == int(data.sum())  # still readable: the pages come back from the file

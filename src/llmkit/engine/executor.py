@@ -181,8 +181,12 @@ class QuantOps(TorchOps):
                     matrix = QuantMatrix.from_gguf(stacked, parts[0].ggml_type, (stacked.shape[0], parts[0].shape[1]))
                     self.fused[tuple(id(g) for g in group)] = (matrix, [q.shape[0] for q in parts])
                     stacked_names.update(keys)
-        by_name = {name: QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape)
-                   for name, q in quantized.items() if name not in stacked_names}
+                    _release(parts)
+        by_name = {}
+        for name, q in quantized.items():
+            if name not in stacked_names:
+                by_name[name] = QuantMatrix.from_gguf(q.data, q.ggml_type, q.shape)
+                _release([q])
         if quantize is not None:  # a float model: its other linears quantized to ``quantize`` blocks, here
             by_name.update({f"{name}.weight": QuantMatrix.quantize(m.weight, quantize)
                             for name, m in model.named_modules()
@@ -220,6 +224,14 @@ class QuantOps(TorchOps):
     def embed(self, module, tokens):
         matrix = self.matrices.get(id(module))
         return module(tokens) if matrix is None else matrix.rows(tokens)
+
+
+def _release(parts) -> None:
+    """Once their blocks are packed, the file pages under these tensors leave resident memory, so
+    loading never holds the file and its packed copy in full at once."""
+    for q in parts:
+        if q.release is not None:
+            q.release()
 
 
 def _available_memory() -> int:

@@ -16,7 +16,8 @@ typedef struct { int64_t type; const void* w; int64_t N, K; } Matrix;  /* as qua
 typedef void (*matmul_fn)(const Matrix*, const void*, void*, int64_t, int, int);
 
 typedef struct {
-    const Matrix *qkv, *o, *gate_up, *down;
+    const Matrix *qkv, *o, *gate_up, *down;  /* qkv, gate_up: NULL where the parts are kept apart */
+    const Matrix *q, *k, *v, *gate, *up;     /* the parts (block types differ: Q4_K_M's v in Q6_K) */
     const float *attn_norm, *mlp_norm;
     const float *q_norm, *k_norm;  /* NULL where the model has no per-head q/k norms */
 } Layer;
@@ -59,11 +60,12 @@ int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t*
         if (n > span) span = n;
     }
     const int64_t work_size = B * Hk * (2 * G * D + D + G * span);
-    float* buf = malloc(sizeof(float) * (B * (C + QKV + 2 * H * D + C + 3 * F + 2 * half) + work_size)
+    float* buf = malloc(sizeof(float) * (B * (C + 2 * QKV + 2 * H * D + C + 3 * F + 2 * half) + work_size)
                         + sizeof(int64_t) * 2 * B);
     if (!buf) return -1;
     float *xn = buf, *qkv = xn + B * C, *q = qkv + B * QKV, *att = q + B * H * D, *tmp = att + B * H * D;
-    float *gu = tmp + B * C, *hh = gu + B * 2 * F, *cs = hh + B * F, *sn = cs + B * half, *work = sn + B * half;
+    float *gu = tmp + B * C, *hh = gu + B * 2 * F, *cs = hh + B * F, *sn = cs + B * half, *tmp2 = sn + B * half;
+    float* work = tmp2 + B * QKV;
     int64_t *lo = (int64_t*)(work + work_size), *hi = lo + B;
     for (int64_t b = 0; b < B; b++) {
         hi[b] = pos[b] + 1;
@@ -78,7 +80,19 @@ int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t*
         const Layer* L = m->layer + l;
         float *kl = kc + l * stride, *vl = vc + l * stride;
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * C, L->attn_norm, xn + b * C, C, m->eps);
-        m->matmul(L->qkv, xn, qkv, B, 0, nthreads);
+        /* each row's q, k and v at qkv + b * QKV: stacked, one product; apart, three, side by side */
+        if (L->qkv) {
+            m->matmul(L->qkv, xn, qkv, B, 0, nthreads);
+        } else {
+            m->matmul(L->q, xn, tmp2, B, 0, nthreads);
+            m->matmul(L->k, xn, tmp2 + B * H * D, B, 0, nthreads);
+            m->matmul(L->v, xn, tmp2 + B * (H + Hk) * D, B, 0, nthreads);
+            for (int64_t b = 0; b < B; b++) {
+                memcpy(qkv + b * QKV, tmp2 + b * H * D, sizeof(float) * H * D);
+                memcpy(qkv + b * QKV + H * D, tmp2 + B * H * D + b * Hk * D, sizeof(float) * Hk * D);
+                memcpy(qkv + b * QKV + (H + Hk) * D, tmp2 + B * (H + Hk) * D + b * Hk * D, sizeof(float) * Hk * D);
+            }
+        }
         for (int64_t b = 0; b < B; b++) {
             float *qb = qkv + b * QKV, *kb = qb + H * D, *vb = kb + Hk * D;
             for (int64_t h = 0; h < H + Hk; h++) {  /* the query heads, then the key heads */
@@ -98,9 +112,15 @@ int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t*
         m->matmul(L->o, att, tmp, B, 0, nthreads);
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * C, L->mlp_norm, xn + b * C, C, m->eps);
-        m->matmul(L->gate_up, xn, gu, B, 0, nthreads);
+        if (L->gate_up) {
+            m->matmul(L->gate_up, xn, gu, B, 0, nthreads);
+        } else {  /* gate rows, then up rows */
+            m->matmul(L->gate, xn, gu, B, 0, nthreads);
+            m->matmul(L->up, xn, gu + B * F, B, 0, nthreads);
+        }
         for (int64_t b = 0; b < B; b++) {
-            const float *gate = gu + b * 2 * F, *up = gate + F;
+            const float *gate = L->gate_up ? gu + b * 2 * F : gu + b * F;
+            const float *up = L->gate_up ? gate + F : gu + B * F + b * F;
             float* out = hh + b * F;
             for (int64_t i = 0; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         }

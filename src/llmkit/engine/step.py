@@ -8,8 +8,8 @@ matrix product): the same operations in the same order as llmkit.model, without 
 
 It covers what most local models are: RMS norms, rotary positions (default, linear or Llama 3
 scaling), SwiGLU MLPs, grouped-query attention with or without per-head q/k norms and one sliding
-window for all layers, float32 activations and cache, q/k/v and gate/up each stacked in one block
-matrix and no biases. ``DecodeStep.build`` returns None for anything else, and for passes it cannot
+window for all layers, float32 activations and cache, every matrix in a block format (q/k/v and
+gate/up stacked or apart) and no biases. ``DecodeStep.build`` returns None for anything else, and for passes it cannot
 take (prompt chunks, LoRA rows) the executor keeps the module path.
 """
 
@@ -35,8 +35,8 @@ _MATMUL = ctypes.CFUNCTYPE(None, _P, _P, _P, _I64, ctypes.c_int, ctypes.c_int)
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P), ("attn_norm", _P), ("mlp_norm", _P),
-                ("q_norm", _P), ("k_norm", _P)]
+    _fields_ = [("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P), ("q", _P), ("k", _P), ("v", _P),
+                ("gate", _P), ("up", _P), ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P)]
 
 
 class _Model(ctypes.Structure):
@@ -68,13 +68,13 @@ class DecodeStep:
         layers = (_Layer * c.num_layers)()
         for i, block in enumerate(model.layers):
             attn, mlp = block.attn, block.mlp
-            qkv = ops.fused[(id(attn.q_proj), id(attn.k_proj), id(attn.v_proj))][0]
-            gate_up = ops.fused[(id(mlp.gate_proj), id(mlp.up_proj))][0]
+            qkv, parts = _group(ops, (attn.q_proj, attn.k_proj, attn.v_proj))
+            gate_up, halves = _group(ops, (mlp.gate_proj, mlp.up_proj))
             o, down = ops.matrices[id(attn.o_proj)], ops.matrices[id(mlp.down_proj)]
             norms = [self._f32(block.attn_norm.weight), self._f32(block.mlp_norm.weight)]
             if attn.qk_norm:
                 norms += [self._f32(attn.q_norm.weight), self._f32(attn.k_norm.weight)]
-            layers[i] = _Layer(*(ctypes.addressof(m._desc) for m in (qkv, o, gate_up, down)),
+            layers[i] = _Layer(*(_address(m) for m in (qkv, o, gate_up, down, *parts, *halves)),
                                *(n.data_ptr() for n in norms), *([None, None] if not attn.qk_norm else []))
         self._keep.append(layers)
         inv_freq = self._f32(model.inv_freq)
@@ -116,6 +116,18 @@ class DecodeStep:
         return x
 
 
+def _group(ops, modules) -> tuple[object, tuple]:
+    """(the stacked matrix, (None,) * n) where the group was stacked, else (None, its parts)."""
+    stacked = ops.fused.get(tuple(map(id, modules)))
+    if stacked is not None:
+        return stacked[0], (None,) * len(modules)
+    return None, tuple(ops.matrices[id(m)] for m in modules)
+
+
+def _address(matrix) -> int | None:
+    return None if matrix is None else ctypes.addressof(matrix._desc)
+
+
 def ops_kernels(ops):
     """The quant kernels the ops' matrices were made with (all share one build)."""
     first = next(iter(ops.matrices.values()), None) or next(iter(ops.fused.values()))[0]
@@ -146,10 +158,11 @@ def unsupported(model, ops) -> str:
             return reason
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
-        if (id(attn.q_proj), id(attn.k_proj), id(attn.v_proj)) not in ops.fused \
-                or (id(mlp.gate_proj), id(mlp.up_proj)) not in ops.fused \
-                or id(attn.o_proj) not in ops.matrices or id(mlp.down_proj) not in ops.matrices:
-            return "a layer whose matrices are not all in stacked block formats"
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            if tuple(map(id, group)) not in ops.fused and not all(id(m) in ops.matrices for m in group):
+                return "a layer whose matrices are not all in block formats"
+        if id(attn.o_proj) not in ops.matrices or id(mlp.down_proj) not in ops.matrices:
+            return "a layer whose matrices are not all in block formats"
         if attn.qk_norm and not (type(attn.q_norm) is RMSNorm and type(attn.k_norm) is RMSNorm):
             return "q/k norms other than RMSNorm"
     return ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -34,6 +34,9 @@ class QuantizedTensor:
     data: torch.Tensor
     ggml_type: int
     shape: tuple[int, int]
+    # where ``data`` is a view of the file's memory mapping: drops its pages from the process's
+    # resident memory, for once its blocks were copied (see GGUFFile.release)
+    release: Callable[[], None] | None = None
 
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],

@@ -6,6 +6,7 @@ dequantizes the rest (K-quants and others).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,7 +125,8 @@ def read_gguf(path: Path, dtype: torch.dtype, device, keep_quantized: Callable[[
                     yield name, t
             for name, t in mapped(source()):
                 if last[0] in kept:  # whole rows of it, when the family splits a fused matrix (Phi-3)
-                    quantized[name] = QuantizedTensor(t, kept[last[0]], (t.shape[0], shapes[last[0]][-1]))
+                    release = functools.partial(f.release, t) if f.maps(t) else None
+                    quantized[name] = QuantizedTensor(t, kept[last[0]], (t.shape[0], shapes[last[0]][-1]), release)
                 else:
                     yield name, t
 

@@ -10,6 +10,7 @@ fraction of that. The common quantizations
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,23 @@ class GGUFFile:
 
     def raw(self, info: TensorInfo) -> np.ndarray:
         return self._data[info.offset : info.offset + info.nbytes]
+
+    def maps(self, data: torch.Tensor) -> bool:
+        """Whether ``data`` is a view of this file's mapping (not a copy)."""
+        start = data.data_ptr() - self._data.ctypes.data
+        return 0 <= start < len(self._data)
+
+    def release(self, data: torch.Tensor) -> None:
+        """Drop the pages under ``data``, a view of this file's read-only mapping, from the process's
+        resident memory: a loader that copied a tensor's bytes elsewhere (packed blocks) then does
+        not hold the file twice. The mapping stays valid; a later read faults the pages in again."""
+        start = data.data_ptr() - self._data.ctypes.data
+        end = start + data.numel() * data.element_size()
+        mapping = getattr(self._data, "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise") or not 0 <= start < end <= len(self._data):
+            return
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """The tensor dequantized to a float32 torch tensor of ``info.shape`` (a fresh copy)."""
