@@ -196,3 +196,33 @@ def tiny_llm_for(tiny_model_dir):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# A chat template that thinks, as Qwen3's does: the generation prompt opens the reasoning block,
+# and enable_thinking=False closes it at once; earlier answers are kept without their reasoning.
+THINKING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1].lstrip() }}"
+    "{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny random llama folder whose chat template thinks: ``<think>``/``</think>`` are added
+    (not special) tokens, and the generation prompt ends inside the block. Random weights never
+    close the block themselves: a thinking budget (max_thinking_tokens) does."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = THINKING_TEMPLATE
+    out = tmp_path_factory.mktemp("tiny-thinking")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = _tiny_hf_config("llama")
+    config.vocab_size = len(tok)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    return out

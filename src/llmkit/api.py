@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from llmkit.engine import Engine, Event, Handle, Request
+from llmkit.reasoning import ChatReply, Piece, splitter_for
 from llmkit.errors import ContextLengthError, LLMKitError, ModelNotFoundError
 from llmkit.sampling import SamplingParams
 from llmkit.tasks import TaskMixin
@@ -190,6 +191,37 @@ def _request_options(sampling: dict) -> dict:
     return {"speculative": sampling.pop("speculative", True), "adapter": sampling.pop("adapter", None)}
 
 
+class _ChatPieces:
+    """A chat answer's text pieces as ``Piece(kind, text)``: all "content" for a model that does
+    not think; else split at the reasoning markers. ``thinking``: a reasoning block was seen."""
+
+    def __init__(self, texts: Iterator[str], splitter) -> None:
+        self._texts, self._splitter = texts, splitter
+
+    @property
+    def thinking(self) -> bool:
+        return self._splitter is not None and self._splitter.thinking
+
+    def __iter__(self) -> Iterator[Piece]:
+        def pieces(parts: tuple[str, str]):
+            reasoning, content = parts
+            if reasoning:
+                yield Piece("reasoning", reasoning)
+            if content:
+                yield Piece("content", content)
+
+        try:
+            for text in self._texts:
+                if self._splitter is None:
+                    yield Piece("content", text)
+                else:
+                    yield from pieces(self._splitter.feed(text))
+            if self._splitter is not None:
+                yield from pieces(self._splitter.finish())
+        finally:  # left early: the request is cancelled now, not when the generator is collected
+            self._texts.close()
+
+
 class LLM(TaskMixin):
     """A loaded model with its tokenizer. Sampling settings are keyword arguments
     (see ``llmkit.sampling.SamplingParams``): max_tokens, temperature, top_k, top_p, min_p,
@@ -305,15 +337,39 @@ class LLM(TaskMixin):
         options = _request_options(sampling)
         return self._stream_ids(self._prompt_ids(prompt), SamplingParams(**sampling), options)
 
-    def chat(self, messages: Messages, **sampling: Any) -> str:
-        """The assistant's answer to a conversation, rendered with the model's chat template."""
-        return "".join(self.chat_stream(messages, **sampling))
+    def chat(self, messages: Messages, *, reasoning: bool = False, template_kwargs: dict[str, Any] | None = None,
+             **sampling: Any) -> str | ChatReply:
+        """The assistant's answer to a conversation, rendered with the model's chat template.
 
-    def chat_stream(self, messages: Messages, **sampling: Any) -> Iterator[str]:
-        """Like ``chat``, piece by piece."""
+        For a model whose template thinks (writes ``<think>...</think>`` before the answer) the
+        answer comes without its reasoning; ``reasoning=True`` returns a ``ChatReply(content,
+        reasoning)`` (reasoning None when the model did not think), whose ``str()`` is the content.
+        ``max_thinking_tokens=N`` closes the reasoning block after N tokens.
+        ``template_kwargs``: extra chat-template variables, e.g. ``{"enable_thinking": False}``."""
+        content: list[str] = []
+        thought: list[str] = []
+        stream = self._chat_pieces(messages, template_kwargs, sampling)
+        for piece in stream:
+            (thought if piece.kind == "reasoning" else content).append(piece.text)
+        if not reasoning:
+            return "".join(content)
+        return ChatReply("".join(content), "".join(thought) if stream.thinking else None)
+
+    def chat_stream(self, messages: Messages, *, reasoning: bool = False,
+                    template_kwargs: dict[str, Any] | None = None, **sampling: Any) -> Iterator[str | Piece]:
+        """Like ``chat``, piece by piece: the answer's text pieces, or with ``reasoning=True``
+        ``Piece(kind, text)`` items, kind "reasoning" or "content" (``str()`` of one is its text)."""
+        stream = self._chat_pieces(messages, template_kwargs, sampling)
+        return iter(stream) if reasoning else (p.text for p in stream if p.kind == "content")
+
+    def _chat_pieces(self, messages: Messages, template_kwargs: dict[str, Any] | None,
+                     sampling: dict) -> "_ChatPieces":
         options = _request_options(sampling)
-        prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-        return self._stream_ids(self.tokenizer.encode(prompt), SamplingParams(**sampling), options)
+        prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                    **(template_kwargs or {}))
+        ids = self.tokenizer.encode(prompt)
+        return _ChatPieces(self._stream_ids(ids, SamplingParams(**sampling), options),
+                           splitter_for(self.tokenizer, ids))
 
     def generate_ids(self, prompt_ids: Sequence[int], **sampling: Any) -> list[int]:
         """Generate from token ids; return the new token ids (end-of-sequence included if hit)."""

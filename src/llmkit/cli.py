@@ -211,15 +211,22 @@ def generate(model: str, prompt: str | None, no_stream: bool, quantize: str | No
 @dtype_option
 @executor_option
 @click.option("--system", help="A system message that starts the conversation.")
+@click.option("--hide-thinking", is_flag=True, help="For a model that thinks: print only the answer, not its reasoning.")
+@click.option("--max-thinking-tokens", type=int, default=None,
+              help="For a model that thinks: close its reasoning after this many tokens.")
 @sampling_options
 @friendly_errors
-def chat(model: str, system: str | None, quantize: str | None, dtype: str | None, executor: str,
-         **kwargs: Any) -> None:
+def chat(model: str, system: str | None, hide_thinking: bool, max_thinking_tokens: int | None,
+         quantize: str | None, dtype: str | None, executor: str, **kwargs: Any) -> None:
     """Talk with a model: earlier turns stay in context. Type /reset to start over, /exit to leave.
 
-    With standard input piped, each line is one user turn and only the answers are printed.
+    With standard input piped, each line is one user turn and only the answers are printed (with
+    the reasoning before them, for a model that thinks, unless --hide-thinking). On a terminal
+    the reasoning is dimmed.
     """
     sampling = _sampling(kwargs)
+    if max_thinking_tokens is not None:
+        sampling["max_thinking_tokens"] = max_thinking_tokens
     _check_sampling(sampling)
     llm = _load(model, quantize, executor, dtype)
     start = [{"role": "system", "content": system}] if system else []
@@ -241,17 +248,28 @@ def chat(model: str, system: str | None, quantize: str | None, dtype: str | None
             messages = list(start)
             continue
         messages.append({"role": "user", "content": text})
-        pieces = []
+        pieces: list[str] = []
+        shown = False  # anything printed for this turn
         try:
-            for piece in llm.chat_stream(messages, **sampling):
-                pieces.append(piece)
-                click.echo(piece, nl=False)
+            thought = False  # reasoning printed, not yet followed by the answer
+            for piece in llm.chat_stream(messages, reasoning=True, **sampling):
+                if piece.kind == "reasoning":
+                    if not hide_thinking:
+                        click.secho(piece.text, nl=False, dim=True)
+                        thought = shown = True
+                    continue
+                if thought:  # a blank line between the reasoning and the answer
+                    click.echo("\n")
+                    thought = False
+                pieces.append(piece.text)
+                click.echo(piece.text, nl=False)
+                shown = True
         except LLMKitError as exc:
             if not interactive:
                 raise
             # e.g. the conversation outgrew the context window: keep the session, drop the turn
             messages.pop()
-            if pieces:
+            if shown:
                 click.echo()
             click.secho(f"error: {exc}\nType /reset to start over.", fg="red", err=True)
             continue

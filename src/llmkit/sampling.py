@@ -91,6 +91,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logit_bias: dict[int, float] | None = None
+    # For a model whose chat template thinks: once this many tokens were written inside the
+    # reasoning block, the engine writes the end marker itself (None: no budget).
+    max_thinking_tokens: int | None = None
     # Called in order before sampling, as processor(generated_ids, logits[vocab]) -> logits: how a
     # grammar or JSON-schema constraint masks tokens. generated_ids are this request's output so far.
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
@@ -152,6 +155,10 @@ class SamplingParams:
             raise _invalid("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
         if not isinstance(self.ignore_eos, bool):
             raise _invalid("ignore_eos", self.ignore_eos, "True or False")
+        if self.max_thinking_tokens is not None and (
+            not _is_int(self.max_thinking_tokens) or self.max_thinking_tokens < 0
+        ):
+            raise _invalid("max_thinking_tokens", self.max_thinking_tokens, "an integer >= 0 or None")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise _invalid("logit_bias", self.logit_bias, "a dict of token id -> bias, or None")

@@ -33,6 +33,7 @@ import torch
 from llmkit.engine.executor import Executor, TorchExecutor
 from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.errors import ContextLengthError, LLMKitError
+from llmkit.reasoning import ThinkingTracker, tracker_for
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
 PREFILL_CHUNK = 512  # prompt tokens per step
@@ -147,6 +148,7 @@ class _Live:
     lookup: "_Lookup | None" = None  # speculative decoding's n-gram index, made on first use
     spec_wait: int = 0  # decode steps to go before proposing again
     spec_backoff: int = 1  # the next wait after a proposal that was rejected outright
+    thinking: ThinkingTracker | None = None  # with a thinking budget: the reasoning block so far
 
     @property
     def request(self) -> Request:
@@ -267,6 +269,10 @@ class Engine:
             decoder=self.tokenizer.stream_decoder(skip_special_tokens=True),
             stops=StopMatcher(request.params.stop),
         )
+        if request.params.max_thinking_tokens is not None or request.params.logits_processors:
+            # a budget to enforce, or constraints that hold for the answer, not the reasoning before
+            # it (None for a model that does not think)
+            live.thinking = tracker_for(self.tokenizer, request.prompt_ids, request.params.max_thinking_tokens)
         with self._lock:
             if self._closing:
                 raise QueueFullError("the engine is shutting down and takes no new requests")
@@ -422,6 +428,8 @@ class Engine:
             r = s.request
             if not r.speculative or r.params.logits_processors:
                 continue
+            if s.thinking is not None and not s.thinking.closed:  # its end marker may have to be forced
+                continue
             if s.spec_wait > 0:
                 s.spec_wait -= 1
                 continue
@@ -563,9 +571,14 @@ class Engine:
         p = live.request.params
         logits = logits.float()
         raw = logits
+        forced = live.thinking.forced() if live.thinking is not None else None
+        if forced is not None:  # the thinking budget is spent: close the block
+            token = forced
         if token is None:
-            for process in p.logits_processors:
-                logits = process(live.generated, logits)
+            answer = live.generated if live.thinking is None else live.thinking.answer(live.generated)
+            if answer is not None:  # constraints start where the reasoning block has closed
+                for process in p.logits_processors:
+                    logits = process(answer, logits)
             token = live.sampler.sample(logits, live.request.prompt_ids)
         else:
             live.sampler.accept(token)
@@ -578,6 +591,8 @@ class Engine:
         raw = raw.float()
         live.generated.append(token)
         self.generation_tokens_total += 1
+        if live.thinking is not None:
+            live.thinking.accept(token)
         event = Event(live.handle.id, token, "")
         if live.request.logprobs is not None:
             logprobs = torch.log_softmax(raw, dim=-1)

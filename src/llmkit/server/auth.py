@@ -10,7 +10,7 @@ before anything reads its body. In order:
 - Origin: a browser says which page sent a request. One from another origin is refused unless
   CORS allows it (``--allow-origin``), so a page the user visits cannot drive the server with the
   user's cached credentials.
-- The API key, as ``Authorization: Bearer KEY`` (OpenAI clients), ``X-Api-Key: KEY``, or HTTP
+- The API key, as ``Authorization: Bearer KEY`` (OpenAI clients), ``X-Api-Key: KEY`` (Anthropic's), or HTTP
   Basic with KEY as the password: a browser opening the chat page of a server started with a key
   gets the browser's own login prompt, and then sends the same credentials with the page's API
   calls, so the page works without putting the key in the page.
@@ -29,6 +29,7 @@ import socket
 from urllib.parse import urlsplit
 
 from llmkit.server.config import ServerConfig
+from llmkit.server.errors import anthropic_body, speaks_anthropic
 
 OPEN_PATHS = frozenset({"/health"})
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
@@ -43,7 +44,10 @@ def _error(status: int, message: str, code: str, extra_headers: list[tuple[bytes
     return status, headers, body
 
 
-async def _send_error(send, status, headers, body) -> None:
+async def _send_error(send, status, headers, body, path: str = "") -> None:
+    if speaks_anthropic(path):  # that API's own error shape
+        body = json.dumps(anthropic_body(status, json.loads(body)["error"]["message"])).encode()
+        headers = [(k, str(len(body)).encode() if k == b"content-length" else v) for k, v in headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -145,14 +149,14 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         refused = self.refusal(scope, headers)
         if refused is not None:
-            return await _send_error(send, *refused)
+            return await _send_error(send, *refused, scope["path"])
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         too_large = _error(413, f"The request body is larger than this server accepts ({self.max_body} bytes).",
                            "request_too_large")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await _send_error(send, *too_large)
+            return await _send_error(send, *too_large, scope["path"])
         # Read the body here, counting (a chunked upload has no Content-Length), then replay it.
         chunks, size = [], 0
         loop = asyncio.get_running_loop()
@@ -163,13 +167,13 @@ class Guard:
             except asyncio.TimeoutError:
                 return await _send_error(send, *_error(
                     408, f"The request body did not arrive within {self.body_timeout:g} s.", "body_timeout",
-                    [(b"connection", b"close")]))
+                    [(b"connection", b"close")]), scope["path"])
             if message["type"] != "http.request":
                 return  # the client went away before sending its body
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return await _send_error(send, *too_large)
+                return await _send_error(send, *too_large, scope["path"])
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

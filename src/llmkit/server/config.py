@@ -29,6 +29,9 @@ class ServerConfig:
     max_json_depth: int = 128  # nesting of the request's JSON (arrays and objects)
     body_timeout: float = 60.0  # seconds a client has to send its whole request body (408 beyond)
     max_connections: int = 1024  # open connections; more are answered 503 at once
+    # Responses (POST /v1/responses) kept for GET, DELETE and previous_response_id: the most
+    # recently used ones, in memory; 0 keeps none
+    max_stored_responses: int = 256
     # Without an API key, only requests whose Host header names this server are served (a web
     # page cannot then reach it through a DNS name of its own). Loopback names and IP addresses
     # always pass; "*" lets any Host through.

@@ -1,4 +1,5 @@
-"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``; on the routes of
+Anthropic's Messages API, in Anthropic's: ``{"type": "error", "error": {"type", "message"}}``.
 
 Handlers turn every failure into that shape at the HTTP boundary: FastAPI's validation errors
 (which it would answer with 422) become 400s, llmkit's own errors map to the status a client
@@ -60,6 +61,29 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+# Anthropic's Messages routes answer errors in Anthropic's shape: {"type": "error", "error": {"type", "message"}}
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    408: "timeout_error", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def anthropic_body(status: int, message: str) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def respond(request: Request, error: APIError) -> JSONResponse:
+    """The error in the shape of the API its route speaks."""
+    if speaks_anthropic(request.url.path):
+        return JSONResponse(anthropic_body(error.status, error.message), status_code=error.status,
+                            headers=error.headers)
+    return error.response()
+
+
 def from_llmkit_error(exc: LLMKitError) -> APIError:
     """The client's view of an error the library raised while checking or running a request."""
     from llmkit.engine import QueueFullError
@@ -115,15 +139,15 @@ def validation_error(errors: list[dict]) -> APIError:
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers that give every error response OpenAI's shape."""
+    """Register the handlers that give every error response OpenAI's shape (Anthropic's on its routes)."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return validation_error(list(exc.errors())).response()
+        return respond(request, validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -132,17 +156,17 @@ def install(app: FastAPI) -> None:
             message = f"There is no route {request.method} {request.url.path}. See /docs for the API."
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}."
-        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+        return respond(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
     @app.exception_handler(LLMKitError)
     async def _llmkit(request: Request, exc: LLMKitError):
         error = from_llmkit_error(exc)
         if error.param == "messages" and not request.url.path.endswith("/chat/completions"):
             error.param = "prompt"
-        return error.response()
+        return respond(request, error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, f"Internal error ({type(exc).__name__}: {exc}). This is a bug in llmkit; "
-                             "the server log has the traceback.", code="internal_error").response()
+        return respond(request, APIError(500, f"Internal error ({type(exc).__name__}: {exc}). This is a bug in "
+                                              "llmkit; the server log has the traceback.", code="internal_error"))

@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+from llmkit import reasoning
 from llmkit.server import tools
 from llmkit.server.offload import ClientGone
 from llmkit.server.running import Run
@@ -82,12 +83,31 @@ class Generation:
         self.finish: list[str | None] = [None] * count
         self.table = _tokens_for(tokenizer)
         self.echo: list | None = None
+        # for a model that thinks (keep_reasoning_apart): markers, whether the prompt opened the
+        # block, and per choice a splitter of the streamed text and a counter of reasoning tokens
+        self.markers: tuple[str, str] | None = None
+        self.opened = False
+        self.splitters: list[reasoning.ReasoningSplitter] = []
+        self.trackers: list[reasoning.ThinkingTracker | None] = []
+
+    def keep_reasoning_apart(self, tokenizer, prompt_ids: list[int]) -> None:
+        """For a model whose chat template thinks: each choice's reasoning comes apart from its
+        answer (``reasoning_content``) and its tokens are counted (``reasoning_tokens``). Nothing
+        changes for a model that does not think."""
+        self.markers = reasoning.markers(tokenizer)
+        if self.markers is None:
+            return
+        self.opened = reasoning.prompt_is_open(tokenizer, prompt_ids, self.markers[0])
+        self.splitters = [reasoning.ReasoningSplitter(*self.markers, open=self.opened) for _ in self.texts]
+        self.trackers = [reasoning.tracker_for(tokenizer, prompt_ids) for _ in self.texts]
 
     # -- shared
 
     def _record(self, i: int, event) -> None:
         if event.token is not None:
             self.tokens[i] += 1
+            if self.trackers and self.trackers[i] is not None:
+                self.trackers[i].accept(event.token)
             if event.logprob is not None:
                 self.logprobs[i].append((event.token, event.logprob, event.top_logprobs or []))
         self.texts[i].append(event.text)
@@ -103,6 +123,8 @@ class Generation:
         prompt = sum(self.prompt_lens)
         completion = sum(self.tokens)
         out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.trackers:
+            out["completion_tokens_details"] = {"reasoning_tokens": sum(t.tokens for t in self.trackers if t)}
         handles = getattr(self, "handles", None)
         if handles:  # as OpenAI reports prompt caching: per prompt, the tokens its choices reused
             out["prompt_tokens_details"] = {"cached_tokens": sum(
@@ -132,10 +154,14 @@ class Generation:
     def chat_body(self, with_logprobs: bool) -> dict:
         choices = []
         for i in range(len(self.texts)):
-            text, calls = "".join(self.texts[i]), []
+            text, calls, thought = "".join(self.texts[i]), [], None
+            if self.markers is not None:
+                thought, text = reasoning.split(text, *self.markers, open=self.opened)
             if self.tools is not None:
                 text, calls = tools.parse(text, self.tools)
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thought is not None:
+                message["reasoning_content"] = thought
             if calls and self.tools.legacy:
                 message["function_call"] = calls[0]["function"]
             elif calls:
@@ -166,7 +192,15 @@ class Generation:
             yield chunk(i, {"role": "assistant", "content": ""})
         async for i, event in self._events(run):
             self._record(i, event)
-            text = splitters[i].feed(event.text) if splitters[i] else event.text
+            text = event.text
+            if self.splitters:  # the reasoning goes apart, before any tool-call parsing of the answer
+                thought, text = self.splitters[i].feed(text)
+                if event.finish_reason is not None:
+                    more_thought, more_text = self.splitters[i].finish()
+                    thought, text = thought + more_thought, text + more_text
+                if thought:
+                    yield chunk(i, {"reasoning_content": thought})
+            text = splitters[i].feed(text) if splitters[i] else text
             if text or (with_logprobs and event.token is not None):
                 logprobs = None
                 if with_logprobs and event.token is not None and event.logprob is not None:

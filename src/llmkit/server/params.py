@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import re
 
+from llmkit.reasoning import budget_for_effort
 from llmkit.sampling import SamplingParams
 from llmkit.server import schemas, tools
 from llmkit.server.config import ServerConfig
@@ -41,7 +42,16 @@ def sampling_params(req, max_tokens: int, vocab: int) -> SamplingParams:
     if req.top_k is not None:
         values["top_k"] = max(req.top_k, 0)  # OpenAI-style servers take -1 for "off"
     values["logit_bias"] = logit_bias(req.logit_bias, vocab)
+    budget = thinking_budget(req)
+    if budget is not None:
+        values["max_thinking_tokens"] = budget
     return SamplingParams(**values)
+
+
+def thinking_budget(req) -> int | None:
+    """A chat request's thinking-token budget: ``max_thinking_tokens``, else by ``reasoning_effort``."""
+    budget = getattr(req, "max_thinking_tokens", None)
+    return budget if budget is not None else budget_for_effort(getattr(req, "reasoning_effort", None))
 
 
 def max_tokens_for(req_max: int | None, prompt_len: int, context: int, config: ServerConfig) -> int:

@@ -63,9 +63,16 @@ def _text_content(content, where: str) -> str:
     return "\n".join(texts)
 
 
+# apply_chat_template's own arguments: template variables may not stand in for them
+_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+             "chat_template"}
+
+
 def chat_ids(tokenizer, messages, add_generation_prompt: bool, continue_final: bool,
-             plan: tools.ToolPlan | None = None) -> list[int]:
-    """The conversation rendered with the chat template (tools offered as the plan says), tokenized."""
+             plan: tools.ToolPlan | None = None, template_kwargs: dict | None = None) -> list[int]:
+    """The conversation rendered with the chat template (tools offered as the plan says), tokenized.
+    ``template_kwargs``: extra template variables, e.g. ``{"enable_thinking": False}`` for templates
+    that read it (Qwen3's closes the reasoning block at once)."""
     chat = []
     for i, m in enumerate(messages):
         extra = {k: v for k, v in (m.model_extra or {}).items() if v is not None}
@@ -79,10 +86,15 @@ def chat_ids(tokenizer, messages, add_generation_prompt: bool, continue_final: b
         if calls:
             d["tool_calls"] = [tools.template_call(c, f"call_{i}_{j}") for j, c in enumerate(calls)]
         chat.append(d)
+    reserved = sorted(_RESERVED & set(template_kwargs or {}))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs cannot set {', '.join(reserved)}: the server sets these itself; "
+                          "use the request's own fields.", param="chat_template_kwargs")
     offered = plan.tools if plan is not None and plan.offered else None
     chat, offered = tools.prepare(chat, plan, tools.template_knows_tools(tokenizer._pick_template(None, offered)))
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt and not continue_final,
-                                         continue_final_message=continue_final, tools=offered)
+                                         continue_final_message=continue_final, tools=offered,
+                                         **(template_kwargs or {}))
     return encode(tokenizer, [text], add_special_tokens=False)[0]
 
 

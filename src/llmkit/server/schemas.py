@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 _ALLOW = ConfigDict(extra="allow")
 
 
+# llmkit's sampling settings beyond what a wire format names itself, read from the request body (an
+# SDK's ``extra_body``) by the routes that translate another API into a chat request
+SAMPLING_EXTENSIONS = ("seed", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                       "stop_token_ids", "ignore_eos", "logit_bias")
+
 class StreamOptions(BaseModel):
     model_config = _ALLOW
     include_usage: bool = False
@@ -132,6 +137,12 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = Field(
+        default=None, description="For a model that thinks: a thinking-token budget by level (see max_thinking_tokens).")
+    max_thinking_tokens: Optional[int] = Field(default=None, ge=0, description="For a model that thinks: close its "
+                                               "reasoning block after this many tokens (overrides reasoning_effort).")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(default=None, description="Extra chat-template "
+                                                           'variables, e.g. {"enable_thinking": false}.')
 
 
 class CompletionRequest(_Sampling):
@@ -160,10 +171,16 @@ class DetokenizeRequest(BaseModel):
 # ------------------------------------------------------------------------------- responses (docs)
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="Tokens the model wrote inside its reasoning block.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: Optional[CompletionTokensDetails] = Field(
+        default=None, description="Only for a model whose chat template thinks.")
 
 
 class TopLogprob(BaseModel):
@@ -194,6 +211,8 @@ class OutputToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = Field(default=None, description="Only for a model whose chat template "
+                                             "thinks: its reasoning, apart from the answer.")
     tool_calls: Optional[list[OutputToolCall]] = None
     function_call: Optional[OutputFunctionCall] = None  # legacy requests (functions=)
 
@@ -229,6 +248,7 @@ class DeltaToolCall(BaseModel):
 class ChatDelta(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[DeltaToolCall]] = None
     function_call: Optional[DeltaFunctionCall] = None
 

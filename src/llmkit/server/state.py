@@ -18,6 +18,7 @@ from llmkit.server.errors import APIError
 from llmkit.server.hooks import Middleware
 from llmkit.server.metrics import Metrics
 from llmkit.server.offload import Offload, lower_priority
+from llmkit.server.responses_store import ResponseStore
 
 log = logging.getLogger("llmkit.server")
 
@@ -36,12 +37,14 @@ class ServerState:
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
     offload: Offload = field(init=False)
+    responses: ResponseStore = field(init=False)  # answers of POST /v1/responses kept for later turns
     runs: set = field(default_factory=set)  # this server's requests in the engine (see running.Run)
     _pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.llm.engine if self.llm is not None else None)
         self.offload = Offload(self.config.max_queue, self.metrics)
+        self.responses = ResponseStore(self.config.max_stored_responses)
 
     @property
     def ready(self) -> bool:

@@ -28,8 +28,22 @@ _ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404
                         **_ERRORS})
 async def chat_completions(request: Request):
     arrival = time.perf_counter()
-    state = state_of(request)
     req = await parse(request, schemas.ChatCompletionRequest, generation=True)
+    state, gen, run, k = await start_chat(request, req, arrival)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if req.stream:
+        return sse(state.middleware.stream(gen.chat_chunks(run, include_usage, k is not None)))
+    await gen.collect(run)
+    return state.middleware.answer(gen.chat_body(k is not None))
+
+
+async def start_chat(request: Request, req: schemas.ChatCompletionRequest,
+                     arrival: float) -> tuple[ServerState, Generation, Run, int | None]:
+    """Every check of a chat request, its prompt, and its choices submitted to the engine: the
+    state, the Generation that assembles the answer, the Run that brings its events, and the
+    number of top logprobs asked (None: no logprobs). Other wire formats that speak chat (the
+    Responses API) translate their request to a chat request and start it here."""
+    state = state_of(request)
     llm = state.need_model()
     adapter = state.check_model(req.model)
     prompts.check_messages(req.messages, state.config)
@@ -45,17 +59,14 @@ async def chat_completions(request: Request):
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
     ids = await state.prep(prompts.chat_ids, llm.tokenizer, req.messages, req.add_generation_prompt,
-                           req.continue_final_message, plan)
+                           req.continue_final_message, plan, req.chat_template_kwargs)
     prompts.check_not_empty([ids], "messages")
     jobs = await params.build(state, req, [ids], max_tokens, k, tool_schema, adapter)
     run = Run(state, jobs, arrival, request, poll_disconnect=not req.stream)
     gen = Generation("chatcmpl", state.config.model_name, [len(ids)], req.n, llm.tokenizer,
                      plan if plan is not None and plan.offered else None)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if req.stream:
-        return sse(state.middleware.stream(gen.chat_chunks(run, include_usage, k is not None)))
-    await gen.collect(run)
-    return state.middleware.answer(gen.chat_body(k is not None))
+    gen.keep_reasoning_apart(llm.tokenizer, ids)
+    return state, gen, run, k
 
 
 @router.post("/v1/completions", openapi_extra=body(schemas.CompletionRequest),
