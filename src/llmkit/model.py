@@ -151,7 +151,10 @@ def rope_inv_freq(config: ModelConfig, local: bool = False, long: bool = False) 
     unscaled). ``long``: LongRoPE's factors for sequences past the original context."""
     dim = config.rotary_dim
     theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # on the CPU whatever the default device: under torch.device("meta") (building a model before
+    # its weights are read) arange takes a reference path that imports torch's compiler, seconds
+    # of load time
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = {} if local else (config.rope_scaling or {})
     kind = "default" if local else rope_kind(config)
     if kind == "default":
@@ -159,7 +162,7 @@ def rope_inv_freq(config: ModelConfig, local: bool = False, long: bool = False) 
     elif kind == "longrope":
         # Phi-3 (LongRoPE, arXiv:2402.13753): a factor per frequency, the short set up to the
         # original context and the long set past it
-        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64, device="cpu")
         inv_freq = inv_freq / factors
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
