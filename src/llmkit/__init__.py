@@ -19,11 +19,13 @@ _EXPORTS = {
     "ModelConfig": "llmkit.config",
     "LLMKitError": "llmkit.errors",
     "SamplingParams": "llmkit.sampling",
+    "batch": "llmkit.batch_job",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from llmkit.api import LLM, load
+    from llmkit.batch_job import batch
     from llmkit.config import ModelConfig
     from llmkit.errors import LLMKitError
     from llmkit.sampling import SamplingParams

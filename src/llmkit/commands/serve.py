@@ -60,13 +60,28 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
                    "\"model\": \"NAME\". Repeatable.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Serve on Ray Serve: replicas of the model behind Ray's proxy, on this machine or a cluster "
+                   "(pip install 'llmkit[ray]').")
+@click.option("--replicas", type=click.IntRange(1, None), default=None,
+              help="With --ray: how many replicas, each with its own engine (default 1).")
+@click.option("--min-replicas", type=click.IntRange(0, None), default=None,
+              help="With --ray: scale on load between --min-replicas and --max-replicas.")
+@click.option("--max-replicas", type=click.IntRange(1, None), default=None,
+              help="With --ray: the most replicas when scaling on load.")
+@click.option("--threads-per-replica", type=click.IntRange(1, None), default=1, show_default=True,
+              help="With --ray: CPUs (and torch threads) each replica takes.")
+@click.option("--address", default=None,
+              help="With --ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a "
+                   "local Ray instance.")
 @friendly_errors
 def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None, quantize: str,
           executor: str, dtype: str | None, max_batch: int, max_queue: int, default_max_tokens: int,
           request_timeout: float, drain_timeout: float, max_body_mb: float, allow_origins: tuple[str, ...],
           allow_hosts: tuple[str, ...], max_request_tokens: int, max_connections: int, body_timeout: float,
           no_prefix_cache: bool, prefix_cache_mb: int | None, no_speculative: bool, loras: tuple[str, ...],
-          log_level: str) -> None:
+          log_level: str, on_ray: bool, replicas: int | None, min_replicas: int | None, max_replicas: int | None,
+          threads_per_replica: int, address: str | None) -> None:
     """Serve a model over HTTP with an OpenAI-compatible API and a chat page.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /tokenize,
@@ -78,14 +93,25 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     block kernels), with a prefix cache and speculation by prompt lookup unless turned off.
 
     \b
+    With --ray the same app runs as a Ray Serve application: --replicas copies of the model (or
+    --min-replicas to --max-replicas, scaled on load), each with --threads-per-replica CPUs, behind
+    Ray's proxy on --host/--port; requests go to the less loaded of two replicas, and a replica
+    that dies is replaced. /metrics then labels each replica's figures with `replica`.
+
+    \b
     Example:
       llmkit serve -m smollm2-135m-instruct --port 8000
       curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi!"}]}'
+      llmkit serve -m smollm2-135m-instruct --ray --replicas 2       (two engines, one per core)
     """
     from llmkit import store
     from llmkit.server import ServerConfig, serve as run, serving_executor
 
+    if not on_ray and (replicas or min_replicas is not None or max_replicas is not None or address):
+        raise click.UsageError("--replicas, --min-replicas, --max-replicas and --address go with --ray")
+    if replicas and (min_replicas is not None or max_replicas is not None):
+        raise click.UsageError("give --replicas N for a fixed number, or --min-replicas/--max-replicas to scale")
     if api_key and click.get_current_context().get_parameter_source("api_key") == ParameterSource.COMMANDLINE:
         click.secho("warning: --api-key on the command line shows in `ps` to every user of this machine; "
                     "set LLMKIT_API_KEY instead.", fg="yellow", err=True)
@@ -117,6 +143,17 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     click.echo(f"llmkit: loading {model} ({runs_on}); serving on http://{host}:{port} "
                "(chat page at /, API docs at /docs)", err=True)
     cache: bool | int = False if no_prefix_cache else (prefix_cache_mb * 2**20 if prefix_cache_mb else True)
+    if on_ray:
+        try:
+            from llmkit.server.ray_app import run_on_ray
+        except ImportError as exc:
+            raise click.UsageError(f"--ray needs Ray Serve: pip install 'llmkit[ray]' ({exc})") from None
+
+        run_on_ray(model, address=address, host=host, port=port, replicas=replicas or 1, min_replicas=min_replicas,
+                   max_replicas=max_replicas, threads_per_replica=threads_per_replica, config=config,
+                   quantize=quantize, executor=executor, dtype=dtype, prefix_cache=cache,
+                   speculative=not no_speculative, adapters=adapters)
+        return
     run(model, host=host, port=port, quantize=quantize, executor=executor, dtype=dtype, config=config,
         log_level=log_level, prefix_cache=cache, speculative=not no_speculative, adapters=adapters)
 

@@ -72,11 +72,29 @@ def _read_input(source: str | None) -> str:
               help="answer: a file with the context; FILE holds the question.")
 @click.option("-o", "--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other option of the task, or a sampling setting (temperature=0.7).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Batch job: FILE is JSONL or Parquet, one record per row; write each row with the task's "
+                   "answer under `result` here (.jsonl or .parquet). Run again to resume.")
+@click.option("--field", default="text", show_default=True, help="Batch job: the field that holds each row's text.")
+@click.option("--ray", "on_ray", is_flag=True, help="Batch job on Ray Data (pip install 'llmkit[ray]').")
+@click.option("--replicas", type=click.IntRange(1, None), default=1, show_default=True,
+              help="With --ray: actors that each load the model and take rows.")
+@click.option("--threads-per-replica", type=click.IntRange(1, None), default=1, show_default=True,
+              help="With --ray: CPUs (and torch threads) of each actor.")
+@click.option("--address", default=None,
+              help="With --ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: a local one.")
 @friendly_errors
 def run_cmd(task: str, file: str | None, model: str, to: str | None, source: str | None,
             max_words: int | None, labels: str | None, schema: str | None, context_file: str | None,
-            extra: tuple[str, ...]) -> None:
+            extra: tuple[str, ...], out: str | None, field: str, on_ray: bool, replicas: int,
+            threads_per_replica: int, address: str | None) -> None:
     """Run TASK (see `llmkit tasks`) on the text in FILE (or standard input, with - or a pipe).
+
+    With --out, FILE is a JSONL or Parquet file and TASK runs on every row's text (a batch job):
+    each row is written to OUT with the answer added, in the input's order; a row that fails is
+    reported with its id and the job goes on. Rows are recorded as they finish in
+    OUT.progress.jsonl, so running the same command again after an interruption skips them.
+    With --ray, the rows are spread over --replicas Ray actors, on this machine or a cluster.
 
     \b
     llmkit run summarize notes.txt --max-words 30
@@ -85,8 +103,12 @@ def run_cmd(task: str, file: str | None, model: str, to: str | None, source: str
     llmkit run extract invoice.txt --schema invoice.schema.json
     llmkit run answer question.txt --context manual.txt
     llmkit run embed lines.txt          (one text per line; prints one JSON vector per line)
+    llmkit run summarize docs.jsonl --out summaries.jsonl --ray --replicas 4
     """
     from llmkit.tasks import get_task
+
+    if out is None and (on_ray or address):
+        raise click.UsageError("--ray runs batch jobs: give --out FILE (and a JSONL or Parquet input)")
 
     kwargs = _options(extra)
     for key, value in (("to", to), ("source", source), ("max_words", max_words), ("labels", labels)):
@@ -106,6 +128,12 @@ def run_cmd(task: str, file: str | None, model: str, to: str | None, source: str
         raise click.UsageError("classify needs --labels a,b,...")
     if task == "extract" and "schema" not in kwargs:
         raise click.UsageError("extract needs --schema FILE")
+    if out is not None:
+        if file in (None, "-"):
+            raise click.UsageError("a batch job (--out) reads a JSONL or Parquet FILE, not standard input")
+        _batch(task, file, out, model=model, on_ray=on_ray, replicas=replicas, threads=threads_per_replica,
+               address=address, field=field, options=kwargs)
+        return
     text = _read_input(file)
     import llmkit
 
@@ -125,6 +153,19 @@ def run_cmd(task: str, file: str | None, model: str, to: str | None, source: str
         click.echo(json.dumps(value, ensure_ascii=False, indent=2))
     else:
         click.echo(result)
+
+
+def _batch(task: str, file: str, out: str, *, model: str, on_ray: bool, replicas: int, threads: int,
+           address: str | None, field: str, options: dict) -> None:
+    from llmkit.batch_job import batch
+
+    report = batch(task, file, out, model=model, ray=on_ray, replicas=replicas, threads_per_replica=threads,
+                   address=address, field=field, **options)
+    skipped = f", {report.skipped} done by an earlier run" if report.skipped else ""
+    click.echo(f"{report.rows} rows written to {report.out}{skipped}", err=True)
+    if report.failed:
+        _fail(f"{len(report.failed)} of {report.rows} rows failed (listed above, and under `error` in the "
+              f"output); run the same command again to retry them")
 
 
 class _Bars:
