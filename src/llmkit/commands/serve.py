@@ -58,6 +58,9 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Serve a LoRA adapter (a PEFT folder) beside the model; clients pick it with "
                    "\"model\": \"NAME\". Repeatable.")
+@click.option("--max-stored-responses", default=256, show_default=True, type=click.IntRange(0, None),
+              help="Responses kept for previous_response_id on /v1/responses (the least recently used go "
+                   "first; 0 keeps none).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--ray", "on_ray", is_flag=True,
@@ -80,12 +83,15 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
           request_timeout: float, drain_timeout: float, max_body_mb: float, allow_origins: tuple[str, ...],
           allow_hosts: tuple[str, ...], max_request_tokens: int, max_connections: int, body_timeout: float,
           no_prefix_cache: bool, prefix_cache_mb: int | None, no_speculative: bool, loras: tuple[str, ...],
-          log_level: str, on_ray: bool, replicas: int | None, min_replicas: int | None, max_replicas: int | None,
+          max_stored_responses: int, log_level: str, on_ray: bool, replicas: int | None,
+          min_replicas: int | None, max_replicas: int | None,
           threads_per_replica: int, address: str | None) -> None:
     """Serve a model over HTTP with an OpenAI-compatible API and a chat page.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /tokenize,
-    /detokenize, /health, /ready, /metrics (Prometheus), / (chat page in the browser), /docs (OpenAPI).
+    /detokenize, /health, /ready, /metrics (Prometheus), / (chat page in the browser), /docs (OpenAPI);
+    Anthropic's /v1/messages and /v1/messages/count_tokens, OpenAI's /v1/responses, /v1/rerank and
+    /v1/score (docs/wire-formats.md).
     Request bodies are JSON with Content-Type: application/json. Set the API key with the
     LLMKIT_API_KEY environment variable rather than --api-key, which other users see in `ps`.
     Many clients are served at once: their requests share each decoding step. The model runs in the
@@ -134,7 +140,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
                           request_timeout=request_timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
                           drain_timeout=drain_timeout, allow_origins=allow_origins, allow_hosts=allow_hosts,
                           max_request_tokens=max_request_tokens, max_connections=max_connections,
-                          body_timeout=body_timeout, host=host)
+                          body_timeout=body_timeout, host=host, max_stored_responses=max_stored_responses)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.secho(f"warning: serving on {host} without an API key: anyone who can reach this port can use it "
                     "(set LLMKIT_API_KEY).", fg="yellow", err=True)
