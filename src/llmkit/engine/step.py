@@ -29,7 +29,6 @@ from llmkit.model import RMSNorm, rope_kind
 log = logging.getLogger(__name__)
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SOURCE = "#include <stdlib.h>\n#include <string.h>\n" + cpu_attention._SOURCE + Path(__file__).with_name("step.c").read_text()
 _FUNCTIONS = {"llmkit_decode_layers": ([_P, _P, _I64, _P, _P, _P, _P, _I64, _I64, ctypes.c_int], ctypes.c_int)}
 _MATMUL = ctypes.CFUNCTYPE(None, _P, _P, _P, _I64, ctypes.c_int, ctypes.c_int)
 
@@ -52,8 +51,11 @@ _lock = threading.Lock()
 def _library():
     with _lock:
         if not _lib:
-            # -ffast-math as for the attention kernel alone: glibc's vector expf needs it
-            _lib.append(native.load("decode-step", _SOURCE, ("-march=native", "-ffast-math"), _FUNCTIONS))
+            # the attention kernel's source first (step.c calls it), with its flags: glibc's
+            # vector expf needs -ffast-math
+            source = ("#include <stdlib.h>\n#include <string.h>\n" + cpu_attention._SOURCE
+                      + Path(__file__).with_name("step.c").read_text())
+            _lib.append(native.load("decode-step", source, ("-march=native", "-ffast-math"), _FUNCTIONS))
     return _lib[0]
 
 
