@@ -129,3 +129,25 @@ def test_matrices_kept_apart_where_block_types_differ(tiny_model_dir):
     got, want = _both(executor, [(0, list(range(5, 17)), 0), (1, list(range(30, 35)), 0)],
                       [(0, 7, 12), (1, 8, 5)])
     _close(got, want)
+
+
+def test_rows_on_lora_adapters_equal_the_module_path(tiny_model_dir, tmp_path):
+    """Rows on different adapters and on the base share one step, each with its own low-rank
+    updates, as the modules apply them."""
+    from test_adapters import make_adapter
+
+    base = tiny_model_dir("llama")
+    folders = {name: make_adapter(tmp_path / name, base, seed=seed) for seed, name in enumerate(("a0", "a1"))}
+    llm = llmkit.load(base, quantize="q8_0", adapters=folders)
+    executor = llm.engine.executor
+    assert executor.step is not None
+    with torch.inference_mode():
+        executor.fit(64, 3)
+    executor.use_adapter(0, "a0")
+    executor.use_adapter(1, "a1")
+    chunks = [(0, list(range(5, 15)), 0), (1, list(range(30, 36)), 0), (2, list(range(40, 48)), 0)]
+    got, want = _both(executor, chunks, [(0, 7, 10), (1, 8, 6), (2, 9, 8), (0, 3, 11)])
+    _close(got, want)
+    executor.use_adapter(1, None)
+    base_row = _both(executor, [], [(1, 8, 6)])[0]
+    assert not torch.allclose(base_row[0], got[1])  # the adapter changed that row

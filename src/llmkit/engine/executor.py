@@ -8,6 +8,7 @@ llama.cpp. Both give the engine the same calls (``Executor``).
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -18,6 +19,8 @@ from llmkit import cpu_attention
 from llmkit.engine.step import DecodeStep
 from llmkit.model import OffsetRMSNorm, Ops, RMSNorm
 from llmkit.threads import in_fresh_thread
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -280,6 +283,12 @@ class TorchExecutor:
         """Serve a LoRA adapter beside the base model (train.lora.peft_updates's form)."""
         dtype = self.model.norm.weight.dtype if hasattr(self.model, "norm") else torch.float32
         self.ops.add_adapter(name, self.model, updates, dtype)
+        if self.step is not None:
+            try:
+                self.step.adapter_index(name)  # its table made now, not in the middle of a step
+            except ValueError as exc:
+                log.info("decode steps go layer by layer from now on: %s", exc)
+                self.step = None
 
     def use_adapter(self, slot: int, name: str | None) -> None:
         """The adapter the request in ``slot`` runs on (None: the base model)."""
@@ -314,21 +323,12 @@ class TorchExecutor:
         prompt costs the running ones little. Returns each chunk's last logits [V] and the decode
         logits [B, V].
 
-        With a DecodeStep, the decode rows on the base model always go through it, and the rest of
-        the pass (prompt chunks, rows on LoRA adapters) through the modules: a row's arithmetic
-        then never depends on what else shares its pass, so batched and lone outputs agree."""
+        With a DecodeStep, the decode rows always go through it (LoRA rows included), and prompt
+        chunks through the modules: a row's arithmetic then never depends on what else shares its
+        pass, so batched and lone outputs agree."""
         if self.step is not None and decodes and self.cache.k.dtype == torch.float32:
-            base = [i for i, (slot, _, _) in enumerate(decodes) if slot not in self.slot_adapters]
-            if base:
-                others = [i for i in range(len(decodes)) if i not in set(base)]
-                chunk_logits, other_logits = self._modules(chunks, [decodes[i] for i in others]) \
-                    if chunks or others else ([], None)
-                base_logits = self._step([decodes[i] for i in base])
-                if not others:
-                    return chunk_logits, base_logits
-                logits = torch.empty(len(decodes), base_logits.shape[-1], dtype=base_logits.dtype)
-                logits[base], logits[others] = base_logits, other_logits
-                return chunk_logits, logits
+            chunk_logits = self._modules(chunks, [])[0] if chunks else []
+            return chunk_logits, self._step(decodes)
         return self._modules(chunks, decodes)
 
     def _modules(self, chunks, decodes) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -349,7 +349,8 @@ class TorchExecutor:
         slots, tokens, positions = zip(*decodes)
         self.ops.row_groups = []
         model = self.model
-        x = self.step(self.ops.embed(model.embed, torch.tensor(tokens)), slots, positions, self.cache)
+        adapters = [self.slot_adapters.get(slot) for slot in slots] if self.slot_adapters else None
+        x = self.step(self.ops.embed(model.embed, torch.tensor(tokens)), slots, positions, self.cache, adapters)
         return self.ops.linear((model.lm_head,), self.ops.norm(model.norm, x))[0].float()
 
     def _row_groups(self, chunks, decodes) -> list[tuple[str, torch.Tensor]]:

@@ -30,6 +30,22 @@ typedef struct {
     matmul_fn matmul;
 } StepModel;
 
+/* LoRA: a row on an adapter adds (x @ A^T) @ (scaling * B^T) to each product the adapter changes.
+ * The table holds, per adapter, per layer, one entry per module in the order below; a = NULL where
+ * the adapter leaves that module alone. */
+enum { L_Q, L_K, L_V, L_O, L_GATE, L_UP, L_DOWN, L_MODULES };
+typedef struct { const float *a, *b; int64_t r; } LoRA;  /* a: [in, r], b: [r, out], row-major */
+
+static void lora_add(const LoRA* l, const float* x, int64_t in, float* y, int64_t out) {
+    if (!l->a) return;
+    float t[256];  /* rank at most 256 (checked by the caller) */
+    for (int64_t j = 0; j < l->r; j++) t[j] = 0.0f;
+    for (int64_t i = 0; i < in; i++)
+        for (int64_t j = 0; j < l->r; j++) t[j] += x[i] * l->a[i * l->r + j];
+    for (int64_t j = 0; j < l->r; j++)
+        for (int64_t o = 0; o < out; o++) y[o] += t[j] * l->b[j * out + o];
+}
+
 static void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
     float ss = 0.0f;
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
@@ -48,9 +64,12 @@ static void rope(float* v, const float* c, const float* s, int64_t half) {
 
 /* x [B, C] float32, in place: the hidden states after every layer. slot, pos [B]: each row's cache
  * slot and position, checked by the caller against the cache (slots x max_len). kc, vc: the whole
- * cache, (layers, slots, Hk, max_len, D) float32. Returns 0, or -1 when memory ran out. */
+ * cache, (layers, slots, Hk, max_len, D) float32. adapter [B]: each row's LoRA adapter, an index
+ * into the table lora (adapters x layers x L_MODULES), or -1 for the base model; adapter may be
+ * NULL when no row has one. Returns 0, or -1 when memory ran out. */
 int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t* slot, const int64_t* pos,
-                         float* kc, float* vc, int64_t cache_slots, int64_t max_len, int nthreads) {
+                         float* kc, float* vc, int64_t cache_slots, int64_t max_len, int nthreads,
+                         const LoRA* lora, const int64_t* adapter) {
     const int64_t C = m->C, H = m->H, Hk = m->Hk, D = m->D, F = m->F, half = m->rot / 2, G = H / Hk;
     const int64_t QKV = (H + 2 * Hk) * D, stride = cache_slots * Hk * max_len * D;
     int64_t span = 1;
@@ -93,6 +112,14 @@ int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t*
                 memcpy(qkv + b * QKV + (H + Hk) * D, tmp2 + B * (H + Hk) * D + b * Hk * D, sizeof(float) * Hk * D);
             }
         }
+        for (int64_t b = 0; adapter && b < B; b++) {
+            if (adapter[b] < 0) continue;
+            const LoRA* e = lora + (adapter[b] * m->layers + l) * L_MODULES;
+            float* row = qkv + b * QKV;
+            lora_add(e + L_Q, xn + b * C, C, row, H * D);
+            lora_add(e + L_K, xn + b * C, C, row + H * D, Hk * D);
+            lora_add(e + L_V, xn + b * C, C, row + (H + Hk) * D, Hk * D);
+        }
         for (int64_t b = 0; b < B; b++) {
             float *qb = qkv + b * QKV, *kb = qb + H * D, *vb = kb + Hk * D;
             for (int64_t h = 0; h < H + Hk; h++) {  /* the query heads, then the key heads */
@@ -110,6 +137,9 @@ int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t*
         decode_attention_f32(q, kl, vl, slot, lo, hi, att, work, (int)B, (int)Hk, (int)G, (int)D, max_len, span,
                              m->scale);
         m->matmul(L->o, att, tmp, B, 0, nthreads);
+        for (int64_t b = 0; adapter && b < B; b++)
+            if (adapter[b] >= 0)
+                lora_add(lora + (adapter[b] * m->layers + l) * L_MODULES + L_O, att + b * H * D, H * D, tmp + b * C, C);
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * C, L->mlp_norm, xn + b * C, C, m->eps);
         if (L->gate_up) {
@@ -119,12 +149,20 @@ int llmkit_decode_layers(const StepModel* m, float* x, int64_t B, const int64_t*
             m->matmul(L->up, xn, gu + B * F, B, 0, nthreads);
         }
         for (int64_t b = 0; b < B; b++) {
-            const float *gate = L->gate_up ? gu + b * 2 * F : gu + b * F;
-            const float *up = L->gate_up ? gate + F : gu + B * F + b * F;
+            float *gate = L->gate_up ? gu + b * 2 * F : gu + b * F;
+            float *up = L->gate_up ? gate + F : gu + B * F + b * F;
+            if (adapter && adapter[b] >= 0) {
+                const LoRA* e = lora + (adapter[b] * m->layers + l) * L_MODULES;
+                lora_add(e + L_GATE, xn + b * C, C, gate, F);
+                lora_add(e + L_UP, xn + b * C, C, up, F);
+            }
             float* out = hh + b * F;
             for (int64_t i = 0; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         }
         m->matmul(L->down, hh, tmp, B, 0, nthreads);
+        for (int64_t b = 0; adapter && b < B; b++)
+            if (adapter[b] >= 0)
+                lora_add(lora + (adapter[b] * m->layers + l) * L_MODULES + L_DOWN, hh + b * F, F, tmp + b * C, C);
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
     }
     free(buf);

@@ -10,7 +10,8 @@ It covers what most local models are: RMS norms, rotary positions (default, line
 scaling), SwiGLU MLPs, grouped-query attention with or without per-head q/k norms and one sliding
 window for all layers, float32 activations and cache, every matrix in a block format (q/k/v and
 gate/up stacked or apart) and no biases. ``DecodeStep.build`` returns None for anything else, and for passes it cannot
-take (prompt chunks, LoRA rows) the executor keeps the module path.
+take (prompt chunks) the executor keeps the module path. Rows on LoRA adapters get their
+low-rank updates inside the step too.
 """
 
 from __future__ import annotations
@@ -29,13 +30,18 @@ from llmkit.model import RMSNorm, rope_kind
 log = logging.getLogger(__name__)
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_FUNCTIONS = {"llmkit_decode_layers": ([_P, _P, _I64, _P, _P, _P, _P, _I64, _I64, ctypes.c_int], ctypes.c_int)}
+_FUNCTIONS = {"llmkit_decode_layers": ([_P, _P, _I64, _P, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P], ctypes.c_int)}
+_MAX_RANK = 256  # step.c's bound on a LoRA rank
 _MATMUL = ctypes.CFUNCTYPE(None, _P, _P, _P, _I64, ctypes.c_int, ctypes.c_int)
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P), ("q", _P), ("k", _P), ("v", _P),
                 ("gate", _P), ("up", _P), ("attn_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P)]
+
+
+class _LoRA(ctypes.Structure):
+    _fields_ = [("a", _P), ("b", _P), ("r", _I64)]
 
 
 class _Model(ctypes.Structure):
@@ -87,6 +93,36 @@ class DecodeStep:
                            c.rotary_dim, window or 0, c.norm_eps, scale, model.rope_factor, inv_freq.data_ptr(),
                            ctypes.addressof(layers), matmul)
         self._call = lib.llmkit_decode_layers
+        self._ops = ops
+        self._lora, self._lora_names = None, []  # the adapters' table for step.c, made when they change
+
+    def adapter_index(self, name: str) -> int:
+        """The row index step.c knows adapter ``name`` by (rebuilding the table after add_adapter)."""
+        names = list(self._ops.adapters)
+        if names != self._lora_names:
+            self._lora, self._lora_names = self._lora_table(names), names
+        return names.index(name)
+
+    def _lora_table(self, names: list[str]):
+        """(adapters x layers x modules) entries, in step.c's module order."""
+        per_layer = 7
+        table = (_LoRA * (len(names) * len(self.model.layers) * per_layer))()
+        for n, name in enumerate(names):
+            updates = self._ops.adapters[name]
+            for i, block in enumerate(self.model.layers):
+                modules = (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj,
+                           block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)
+                for j, module in enumerate(modules):
+                    update = updates.get(id(module))
+                    if update is None:
+                        continue
+                    a_t, b_t = (self._f32(t) for t in update)
+                    if a_t.shape[1] > _MAX_RANK:
+                        raise ValueError(f"LoRA rank {a_t.shape[1]} is past the decode step's {_MAX_RANK}")
+                    table[(n * len(self.model.layers) + i) * per_layer + j] = _LoRA(a_t.data_ptr(), b_t.data_ptr(),
+                                                                                   a_t.shape[1])
+        self._keep.append(table)
+        return table
 
     def _f32(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(torch.float32).contiguous()
@@ -104,15 +140,22 @@ class DecodeStep:
         lib = _library()
         return cls(model, ops, lib) if lib is not None else None
 
-    def __call__(self, embedded: torch.Tensor, slots: list[int], positions: list[int], cache) -> torch.Tensor:
+    def __call__(self, embedded: torch.Tensor, slots: list[int], positions: list[int], cache,
+                 adapters: list[str | None] | None = None) -> torch.Tensor:
         """``embedded`` [B, C] float32 (the rows' token embeddings) -> the hidden states after the
-        last layer [B, C], the cache written at (slot, position) of each row."""
+        last layer [B, C], the cache written at (slot, position) of each row. ``adapters``: each
+        row's LoRA adapter name, or None for the base model."""
         if any(not 0 <= s < cache.slots for s in slots) or any(not 0 <= p < cache.max_len for p in positions):
             raise IndexError(f"slots or positions outside the cache ({cache.slots} slots x {cache.max_len} positions)")
         x = embedded.to(torch.float32).contiguous()
-        where = torch.tensor([slots, positions], dtype=torch.int64)
+        rows = [slots, positions]
+        if adapters is not None and any(a is not None for a in adapters):
+            rows.append([-1 if a is None else self.adapter_index(a) for a in adapters])
+        where = torch.tensor(rows, dtype=torch.int64)
+        lora = (ctypes.addressof(self._lora), where[2].data_ptr()) if len(rows) == 3 else (None, None)
         done = self._call(ctypes.byref(self.desc), x.data_ptr(), len(slots), where[0].data_ptr(), where[1].data_ptr(),
-                          cache.k.data_ptr(), cache.v.data_ptr(), cache.slots, cache.max_len, torch.get_num_threads())
+                          cache.k.data_ptr(), cache.v.data_ptr(), cache.slots, cache.max_len, torch.get_num_threads(),
+                          *lora)
         if done != 0:
             raise MemoryError("the decode step could not allocate its scratch memory")
         return x
