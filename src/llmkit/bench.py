@@ -142,7 +142,9 @@ def _llmkit_configuration(llm, quantize: str | None) -> dict[str, Any]:
         weights, precision = "stored", "llama.cpp executor: GGUF blocks as stored"
     elif executor == "torch+gguf-kernels":
         weights = quantize or "gguf-kernels"
-        precision = f"{executor}: {quantize or 'GGUF'} blocks, {dtype} activations"
+        step = getattr(llm.engine.executor, "step", None) is not None
+        precision = (f"{executor}: {quantize or 'GGUF'} blocks, {dtype} activations, "
+                     f"{'decode steps in one native call' if step else 'decode steps layer by layer'}")
     elif quantize:
         weights, precision = None, f"{executor}: {quantize} weights, {dtype} activations"
     else:
@@ -356,7 +358,7 @@ def _quantized_bytes(shape: tuple[int, ...], kind: str) -> int:
     rows, cols = shape
     ggml_type = quant.KINDS[kind]
     if cols % quant.TYPES[ggml_type][1]:
-        ggml_type = quant._FALLBACK.get(ggml_type, ggml_type)
+        ggml_type = quant.FALLBACK.get(ggml_type, ggml_type)
     return rows * quant.row_bytes(ggml_type, cols)
 
 

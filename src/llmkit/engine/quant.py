@@ -48,7 +48,7 @@ TYPES = {
 # what QuantMatrix.quantize writes: kind -> ggml type id
 KINDS = {"q8_0": 8, "q4_0": 2, "q5_0": 6, "q4_k": 12}
 # Q4_K needs rows that are whole blocks of 256; other rows get Q5_0, as llama.cpp's quantizer does
-_FALLBACK = {12: 6}
+FALLBACK = {12: 6}
 
 # From this many bfloat16 rows per call on, where oneDNN has native bfloat16, dequantize tiles and
 # use its matmul (bench/quant_kernels.py measures both paths).
@@ -196,7 +196,7 @@ class QuantMatrix:
         n, k = weight.shape
         ggml_type = KINDS[kind]
         if k % TYPES[ggml_type][1]:
-            ggml_type = _FALLBACK.get(ggml_type, ggml_type)
+            ggml_type = FALLBACK.get(ggml_type, ggml_type)
         if k % TYPES[ggml_type][1]:
             raise QuantError(f"{kind} needs in_features to be a multiple of {TYPES[ggml_type][1]}, not {k}")
         kern = _need(kernels)
