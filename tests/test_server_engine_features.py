@@ -37,6 +37,15 @@ def test_a_request_names_an_adapter_as_its_model(served):
     assert "404" in str(err.value) and "pirate" in str(err.value)
 
 
+def test_echoed_prompt_logprobs_on_an_adapter_are_refused_not_scored_on_the_base(served):
+    url = served[0]
+    ask = dict(prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
+    with pytest.raises(Exception) as err:
+        client(url).completions.create(model="pirate", **ask)
+    assert "400" in str(err.value) and "base model" in str(err.value)
+    assert client(url).completions.create(model="tiny", **ask).choices[0].logprobs.token_logprobs[1] is not None
+
+
 def test_usage_reports_prompt_tokens_taken_from_the_cache(served):
     url, llm, _ = served
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]

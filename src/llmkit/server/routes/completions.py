@@ -95,6 +95,10 @@ async def completions(request: Request):
     # every check before any work: the choices' requests are built (not yet queued) first
     jobs = await params.build(state, req, ids_list, req.max_tokens, k, adapter=adapter) if req.max_tokens != 0 else None
     if req.echo:
+        if k is not None and adapter is not None:  # the prompt is scored by the base model's forward
+            raise bad_request(f"echo with logprobs scores prompts on the base model only, not on the adapter "
+                              f"{adapter!r}: ask the base model ({config.model_name!r}) or leave out echo.",
+                              param="echo")
         if k is not None:
             limits = [0 if req.max_tokens == 0 else params.max_tokens_for(req.max_tokens, len(p), llm.context_length,
                                                                           config) for p in ids_list]
