@@ -86,3 +86,21 @@ def test_a_float_model_quantized_to_blocks_at_load(tiny_model_dir, kind):
     assert llm.generate("def add(a, b):", max_tokens=8, temperature=0, ignore_eos=True)  # runs end to end
     with pytest.raises(llmkit.LLMKitError, match="quantize"):
         llmkit.load(tiny_model_dir("qwen2"), quantize="q3_x")
+
+
+def test_embeddings_on_the_blocks_read_no_float_model(tiny_model_dir, tmp_path):
+    """Embeddings of a GGUF model run on its block weights: no float copy of the model is read,
+    and the vectors agree with the float32 reference's."""
+    import numpy as np
+
+    from llmkit.export import export
+    from llmkit.tasks import embed
+
+    gguf = export(llmkit.load(tiny_model_dir("llama")), "gguf", tmp_path / "tiny.gguf", quantize="q8_0")
+    llm = llmkit.load(gguf)
+    texts = ["The quick brown fox", "def add(a, b): return a + b", "Paris"]
+    got = embed(llm, texts)
+    assert llm._model is None  # the float model was never read
+    want = embed(llmkit.load(gguf, dtype="float32"), texts)
+    cosine = (got * want).sum(axis=1)  # both L2-normalised
+    assert got.shape == want.shape and np.all(cosine > 0.999), cosine

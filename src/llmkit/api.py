@@ -410,6 +410,24 @@ class LLM(TaskMixin):
 
     # ------------------------------------------------------------------ numbers
 
+    def executor_hidden_states(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Final hidden states (B, T, C) after the last norm for right-padded tokens (B, T), computed
+        on the executor's block-format weights, in the calling thread, beside the engine's passes:
+        no float copy of the model is read for them. None where the executor holds no such weights
+        (then ``llm.model`` is the model to run)."""
+        import copy
+
+        from llmkit.engine.executor import QuantOps
+
+        executor = self.engine.executor
+        ops, model = getattr(executor, "ops", None), getattr(executor, "model", None)
+        if not isinstance(ops, QuantOps) or model is None:
+            return None
+        ops = copy.copy(ops)  # the engine sets its own rows' adapters on the executor's ops per pass
+        ops.row_groups = []
+        with torch.inference_mode():
+            return model.forward_many([(tokens.to(executor.device), None, None)], ops=ops, logits=False)[0]
+
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Next-token logits at every position of ``ids``: float32 tensor [len(ids), vocab]."""

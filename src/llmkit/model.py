@@ -435,12 +435,14 @@ class Transformer(nn.Module):
         return self.forward_many([(tokens, positions, slots)], cache, last_only)[0]
 
     def forward_many(self, batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-                     cache: KVCache | None = None, last_only: bool = False, ops: Ops = PLAIN) -> list[torch.Tensor]:
+                     cache: KVCache | None = None, last_only: bool = False, ops: Ops = PLAIN,
+                     logits: bool = True) -> list[torch.Tensor]:
         """Several batches, each (tokens (b, t), positions or None, slots or None) as ``forward``
         takes them, in one pass: the matmuls run once over all their rows (the weights are read
         once), attention per batch. How a prompt chunk (1, T) rides along with decode steps (B, 1).
         Returns each batch's logits as ``forward`` would. ``ops``: how the heavy operations run
-        (see Ops; an executor passes its own)."""
+        (see Ops; an executor passes its own). ``logits=False``: the final hidden states after the
+        last norm instead, without the vocabulary projection."""
         rope_on = self.config.position == "rope"
         groups = {kind: [] for kind in self.kinds}  # per layer kind: each batch's Rows
         ropes = {kind: [] for kind in self.kinds}
@@ -474,7 +476,8 @@ class Transformer(nn.Module):
             x = layer(x, rope[kind], groups[kind], cache, i, ops)
 
         def head(h: torch.Tensor) -> torch.Tensor:
-            return ops.linear((self.lm_head,), ops.norm(self.norm, h))[0].float()
+            h = ops.norm(self.norm, h)
+            return ops.linear((self.lm_head,), h)[0].float() if logits else h
 
         if len(xs) == 1:
             return [head(x[:, -1:] if last_only else x)]

@@ -404,7 +404,12 @@ def embed(llm, texts: str | Sequence[str], *, pooling: str | None = None, normal
             raise TaskError(f"text {i} is empty: there is nothing to embed")
     out = torch.zeros(len(ids), llm.config.hidden_size, dtype=torch.float32)
     for group in _batches([len(s) for s in ids], token_budget):
-        h = hidden_states(llm, _pad([ids[i] for i in group])).float().cpu()
+        tokens = _pad([ids[i] for i in group])
+        # the engine's own weights where it has them (block formats: no float copy of the model)
+        h = in_fresh_thread(lambda: llm.executor_hidden_states(tokens))
+        if h is None:
+            h = hidden_states(llm, tokens)
+        h = h.float().cpu()
         for row, i in enumerate(group):
             n = len(ids[i])  # right padding: positions past n are padding, and causal attention
             #                  means the real tokens never saw them
