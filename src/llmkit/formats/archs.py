@@ -552,10 +552,9 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
-def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
-    cfg = {
-        "architectures": [_HF_CLASSES.get(c.architecture, "LlamaForCausalLM")],
-        "model_type": c.architecture,
+def _hf_shape(c: ModelConfig) -> dict[str, Any]:
+    """The fields every family's HF config.json spells the same way: sizes and the norm's epsilon."""
+    return {
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -565,6 +564,14 @@ def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
         "head_dim": c.head_dim,
         "max_position_embeddings": c.max_position_embeddings,
         "rms_norm_eps": c.norm_eps,
+    }
+
+
+def _llama_family_to_hf(c: ModelConfig) -> dict[str, Any]:
+    cfg = {
+        "architectures": [_HF_CLASSES.get(c.architecture, "LlamaForCausalLM")],
+        "model_type": c.architecture,
+        **_hf_shape(c),
         "hidden_act": _HF_ACT[c.activation],
         "rope_theta": c.rope_theta,
         "rope_scaling": c.rope_scaling,
@@ -610,15 +617,7 @@ def _gemma3_to_hf(c: ModelConfig) -> dict[str, Any]:
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_position_embeddings,
-        "rms_norm_eps": c.norm_eps,
+        **_hf_shape(c),
         "hidden_activation": _HF_ACT[c.activation],
         "query_pre_attn_scalar": round(scalar) if math.isclose(scalar, round(scalar)) else scalar,
         "sliding_window": c.sliding_window or c.max_position_embeddings,
