@@ -285,7 +285,7 @@ class TorchExecutor:
         self.ops.add_adapter(name, self.model, updates, dtype)
         if self.step is not None:
             try:
-                self.step.adapter_index(name)  # its table made now, not in the middle of a step
+                self.step.refresh_adapters()  # its table made now, not in the middle of a step
             except ValueError as exc:
                 log.info("decode steps go layer by layer from now on: %s", exc)
                 self.step = None

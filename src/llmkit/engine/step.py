@@ -96,12 +96,12 @@ class DecodeStep:
         self._ops = ops
         self._lora, self._lora_names = None, []  # the adapters' table for step.c, made when they change
 
-    def adapter_index(self, name: str) -> int:
-        """The row index step.c knows adapter ``name`` by (rebuilding the table after add_adapter)."""
+    def refresh_adapters(self) -> list[str]:
+        """The adapters in step.c's table order, the table rebuilt when they changed (add_adapter)."""
         names = list(self._ops.adapters)
         if names != self._lora_names:
             self._lora, self._lora_names = self._lora_table(names), names
-        return names.index(name)
+        return names
 
     def _lora_table(self, names: list[str]):
         """(adapters x layers x modules) entries, in step.c's module order."""
@@ -150,7 +150,8 @@ class DecodeStep:
         x = embedded.to(torch.float32).contiguous()
         rows = [slots, positions]
         if adapters is not None and any(a is not None for a in adapters):
-            rows.append([-1 if a is None else self.adapter_index(a) for a in adapters])
+            index = {name: i for i, name in enumerate(self.refresh_adapters())}
+            rows.append([-1 if a is None else index[a] for a in adapters])
         where = torch.tensor(rows, dtype=torch.int64)
         lora = (ctypes.addressof(self._lora), where[2].data_ptr()) if len(rows) == 3 else (None, None)
         done = self._call(ctypes.byref(self.desc), x.data_ptr(), len(slots), where[0].data_ptr(), where[1].data_ptr(),
