@@ -298,7 +298,7 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q, k, v = q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype)
-        if t <= SMALL_QUERY and not q.is_cuda:
+        if t <= SMALL_QUERY and (not q.is_cuda or g.fixed):  # on CUDA too for a fixed shape: no SDPA dispatch
             y = small_query_attention(q, k, v, g.mask)
         else:  # (B, H, T, D) x (B, Hk, L, D): grouped-query attention without copying k/v per head
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=self.h != self.hk)
@@ -436,13 +436,16 @@ class Transformer(nn.Module):
 
     def forward_many(self, batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
                      cache: KVCache | None = None, last_only: bool = False, ops: Ops = PLAIN,
-                     logits: bool = True) -> list[torch.Tensor]:
+                     logits: bool = True, fixed_length: int | None = None) -> list[torch.Tensor]:
         """Several batches, each (tokens (b, t), positions or None, slots or None) as ``forward``
         takes them, in one pass: the matmuls run once over all their rows (the weights are read
         once), attention per batch. How a prompt chunk (1, T) rides along with decode steps (B, 1).
         Returns each batch's logits as ``forward`` would. ``ops``: how the heavy operations run
         (see Ops; an executor passes its own). ``logits=False``: the final hidden states after the
-        last norm instead, without the vocabulary projection."""
+        last norm instead, without the vocabulary projection. ``fixed_length``: every row attends
+        to that many cache positions of its slot, masked by position, and nothing is read back to
+        the host: the same kernels whatever the positions, so a captured CUDA graph can replay the
+        pass (see engine.cuda_graphs)."""
         rope_on = self.config.position == "rope"
         groups = {kind: [] for kind in self.kinds}  # per layer kind: each batch's Rows
         ropes = {kind: [] for kind in self.kinds}
@@ -455,7 +458,7 @@ class Transformer(nn.Module):
             if self.config.embed_scale:  # Gemma: sqrt(C), rounded to the activations' dtype as HF does
                 x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
             for kind in self.kinds:
-                groups[kind].append(self._rows(start, positions, slots, cache, x.dtype, ops, kind))
+                groups[kind].append(self._rows(start, positions, slots, cache, x.dtype, ops, kind, fixed_length))
                 if rope_on:
                     ropes[kind].append(self.rope_tables(positions, x.dtype, kind))
             start += b * t
@@ -489,42 +492,47 @@ class Transformer(nn.Module):
                 for part, o in zip(logits.split([o.shape[0] * o.shape[1] for o in outs]), outs)]
 
     def _rows(self, start: int, positions: torch.Tensor, slots: torch.Tensor | None,
-              cache: KVCache | None, dtype: torch.dtype, ops: Ops, kind: str) -> "Rows":
+              cache: KVCache | None, dtype: torch.dtype, ops: Ops, kind: str,
+              fixed_length: int | None = None) -> "Rows":
         """How one batch's rows attend in the layers of ``kind``: its cache slots, the key length,
         and the mask or, for one new token per sequence where the executor has a kernel for it,
-        that kernel's plan (Ops.decode_plan)."""
+        that kernel's plan (Ops.decode_plan). ``fixed_length``: see forward_many."""
         b, t = positions.shape
         device = positions.device
         span = None
+        fixed = cache is not None and fixed_length is not None
         if cache is not None:
             if slots is None:
                 slots = torch.arange(b, device=device)
-            first = int(slots[0])
-            if b == 1 or torch.equal(slots, torch.arange(first, first + b, device=device)):
-                span = (first, first + b)
-            length = int(positions.max()) + 1
+            if fixed:  # the shape decided by the caller: no value read back from the device
+                length = fixed_length
+            else:
+                first = int(slots[0])
+                if b == 1 or torch.equal(slots, torch.arange(first, first + b, device=device)):
+                    span = (first, first + b)
+                length = int(positions.max()) + 1
             key_pos = torch.arange(length, device=device)
         else:
             length = t
             key_pos = positions  # (B, T): the keys are the new tokens themselves
         window = self.config.sliding_window if kind == "sliding" else None
-        if cache is not None and t == 1:
+        if cache is not None and t == 1 and not fixed:
             decode = ops.decode_plan(slots, positions, cache, self._kind_config(kind), dtype)
             if decode is not None:
                 return Rows(start, b, t, slots, positions, length, span, None, decode)
         # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
         kp = key_pos.view(1, 1, -1) if key_pos.dim() == 1 else key_pos[:, None, :]
         qp = positions[:, :, None]
-        if b == 1 and t == 1 and (not window or length <= window):
+        if b == 1 and t == 1 and (not window or length <= window) and not fixed:
             mask = None  # one new token that sees every cached key: no mask, SDPA's fastest path
         else:
             mask = kp <= qp
             if window:
                 mask = mask & (kp > qp - window)
             mask = mask[:, None]
-            if t <= SMALL_QUERY and positions.device.type != "cuda":  # small_query_attention adds it
+            if t <= SMALL_QUERY and (positions.device.type != "cuda" or fixed):  # small_query_attention adds it
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        return Rows(start, b, t, slots, positions, length, span, mask)
+        return Rows(start, b, t, slots, positions, length, span, mask, fixed=fixed)
 
     def _kind_config(self, kind: str) -> ModelConfig:
         """The config an executor's decode kernel reads for the layers of ``kind``: the model's
@@ -571,3 +579,4 @@ class Rows:
     span: tuple[int, int] | None  # the slots as a range (first, last + 1), when consecutive
     mask: torch.Tensor | None
     decode: object = None  # the executor's Ops.decode_plan, when its kernel attends (one query each)
+    fixed: bool = False  # attends to a fixed number of positions (forward_many's fixed_length)

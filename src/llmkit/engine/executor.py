@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit import cpu_attention
+from llmkit.engine.cuda_graphs import DecodeGraphs
 from llmkit.engine.step import DecodeStep
 from llmkit.model import OffsetRMSNorm, Ops, RMSNorm
 from llmkit.threads import in_fresh_thread
@@ -273,6 +274,8 @@ class TorchExecutor:
         self.name = "torch+gguf-kernels" if blocks else "torch"
         # decode-only passes of Llama-family models in one native call (None: layer by layer)
         self.step = DecodeStep.build(model, self.ops) if blocks and self.device.type == "cpu" else None
+        # decode passes on CUDA replayed from captured graphs (None: launched op by op)
+        self.graphs = DecodeGraphs(model, self.ops, self.device) if self.device.type == "cuda" else None
         self.slot_adapters: dict[int, str] = {}  # slots whose request runs on a LoRA adapter
 
     @property
@@ -325,10 +328,14 @@ class TorchExecutor:
 
         With a DecodeStep, the decode rows always go through it (LoRA rows included), and prompt
         chunks through the modules: a row's arithmetic then never depends on what else shares its
-        pass, so batched and lone outputs agree."""
+        pass, so batched and lone outputs agree. On CUDA, decode rows without an adapter replay a
+        captured graph (engine.cuda_graphs) beside the chunks' pass."""
         if self.step is not None and decodes and self.cache.k.dtype == torch.float32:
             chunk_logits = self._modules(chunks, [])[0] if chunks else []
             return chunk_logits, self._step(decodes)
+        if self.graphs is not None and decodes and not self.slot_adapters:
+            chunk_logits = self._modules(chunks, [])[0] if chunks else []
+            return chunk_logits, self.graphs(self.cache, decodes)
         return self._modules(chunks, decodes)
 
     def _modules(self, chunks, decodes) -> tuple[list[torch.Tensor], torch.Tensor]:
