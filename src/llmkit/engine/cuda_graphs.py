@@ -30,6 +30,10 @@ def _length_bucket(n: int, limit: int) -> int:
     return min(size, limit)
 
 
+class GraphCaptureError(RuntimeError):
+    """Recording a decode pass as a CUDA graph failed; the pass can still run op by op."""
+
+
 class _Graph:
     """One captured pass: its input tensor (slots, tokens, positions as rows), its output logits."""
 
@@ -74,7 +78,11 @@ class DecodeGraphs:
         if not self.capture:
             return self._pass(graph, length)
         if graph.graph is None:
-            self._record(graph, length)
+            try:
+                self._record(graph, length)
+            except Exception as exc:
+                del self.graphs[(rows, length)]
+                raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
         graph.graph.replay()
         return graph.logits.clone()  # graphs share one memory pool: the next replay may reuse it
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit import cpu_attention
-from llmkit.engine.cuda_graphs import DecodeGraphs
+from llmkit.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
 from llmkit.engine.step import DecodeStep
 from llmkit.model import OffsetRMSNorm, Ops, RMSNorm
 from llmkit.threads import in_fresh_thread
@@ -334,9 +334,20 @@ class TorchExecutor:
             chunk_logits = self._modules(chunks, [])[0] if chunks else []
             return chunk_logits, self._step(decodes)
         if self.graphs is not None and decodes and not self.slot_adapters:
-            chunk_logits = self._modules(chunks, [])[0] if chunks else []
-            return chunk_logits, self.graphs(self.cache, decodes)
+            logits = self._graphed(decodes)
+            if logits is not None:
+                return (self._modules(chunks, [])[0] if chunks else []), logits
         return self._modules(chunks, decodes)
+
+    def _graphed(self, decodes) -> torch.Tensor | None:
+        """Decode logits from a captured CUDA graph; None, and op by op from now on, where this
+        torch or driver refuses to record one."""
+        try:
+            return self.graphs(self.cache, decodes)
+        except GraphCaptureError as exc:
+            log.warning("decode passes launch op by op: a CUDA graph could not be recorded (%s)", exc)
+            self.graphs = None
+            return None
 
     def _modules(self, chunks, decodes) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The pass through the model's modules (Transformer.forward_many)."""
