@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llmkit
+from llmkit.engine import prefix_cache
 from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.sampling import SamplingParams
 
@@ -52,6 +53,21 @@ def test_a_conversation_reuses_its_history_answer_included(pair):
     # everything computed before (prompt and answer, but the last answer token) up to a block edge
     assert h2.cached_tokens >= (len(turn1) + len(answer) - 1) // 32 * 32 > len(turn1) - 32
     assert tokens == run(plain, turn2)[1]
+
+
+def test_the_default_bound_follows_the_model(pair):
+    """Two whole context windows of this model's keys and values (what its blocks really take),
+    never more than the share of memory."""
+    cached, _ = pair
+    cache = cached.engine.prefix_cache
+    run(cached, cached.tokenizer.encode(SYSTEM + "Tell me about owls and their nests in winter."))
+    (entry, *_) = cache._entries.values()
+    per_token = entry.nbytes // cache.block
+    assert per_token == prefix_cache.kv_bytes_per_token(cached.config, torch.float32)
+    want = prefix_cache.DEFAULT_CONTEXTS * cached.context_length * per_token
+    assert want < prefix_cache.memory_budget()  # a tiny model: its own size rules, not the machine's
+    assert cache.budget == want
+    assert prefix_cache.default_budget(10**9, 10**6) == prefix_cache.memory_budget()
 
 
 def test_the_cache_stays_within_its_bound_and_eviction_loses_no_request(tiny_model_dir):

@@ -3,10 +3,12 @@ adapter as its model, usage reports cached prompt tokens, /metrics counts both."
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import pytest
 from test_adapters import make_adapter
-from test_server import client, metric, running_server
+from test_server import client, metric, poll, running_server
 
 import llmkit
 from llmkit.server import ServerConfig, create_app
@@ -37,13 +39,33 @@ def test_a_request_names_an_adapter_as_its_model(served):
     assert "404" in str(err.value) and "pirate" in str(err.value)
 
 
-def test_echoed_prompt_logprobs_on_an_adapter_are_refused_not_scored_on_the_base(served):
-    url = served[0]
-    ask = dict(prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
-    with pytest.raises(Exception) as err:
-        client(url).completions.create(model="pirate", **ask)
-    assert "400" in str(err.value) and "base model" in str(err.value)
-    assert client(url).completions.create(model="tiny", **ask).choices[0].logprobs.token_logprobs[1] is not None
+def test_echoed_prompt_logprobs_are_scored_on_the_adapter_asked_for(served):
+    """echo + logprobs on an adapter: each prompt token's logprob and top alternatives are the
+    adapter's (its weights merged into a model of their own, one full forward), not the base's."""
+    import torch
+
+    url, llm, folder = served
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = llm.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def reference(model) -> tuple[list[float], list[float]]:
+        logprobs = torch.log_softmax(model.logits(ids).float(), dim=-1)
+        rows = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+        return rows, torch.topk(logprobs[:-1], 2).values.tolist()
+
+    scores = {}
+    for name, model in (("pirate", llmkit.load(folder)), ("tiny", llm)):
+        got = client(url).completions.create(model=name, prompt=ids, max_tokens=0, echo=True, logprobs=2)
+        lp = got.choices[0].logprobs
+        want, tops = reference(model)
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4), name
+        # the alternatives are keyed by their text (two tokens may share one, leaving one entry)
+        for got_top, want_top in zip(lp.top_logprobs[1:], tops):
+            assert got_top, name
+            assert all(any(v == pytest.approx(w, abs=1e-4) for w in want_top) for v in got_top.values()), name
+        scores[name] = lp.token_logprobs[1:]
+    assert scores["pirate"] != pytest.approx(scores["tiny"], abs=1e-3)
 
 
 def test_usage_reports_prompt_tokens_taken_from_the_cache(served):
@@ -57,6 +79,49 @@ def test_usage_reports_prompt_tokens_taken_from_the_cache(served):
     assert metric(url, "llmkit:prefix_cache_tokens_reused") >= again.usage.prompt_tokens_details.cached_tokens
     assert metric(url, "llmkit:prefix_cache_hit_rate") > 0
     assert "llmkit:spec_decode_num_draft_tokens" in httpx.get(url + "/metrics").text
+
+
+def test_metrics_show_the_slots_free_and_the_queue(tiny_model_dir):
+    """/metrics counts the batch's slots, those free now, the requests waiting and the queue's bound.
+    A request of the test's own holds the engine inside its step (its logits processor waits), so
+    that what the gauges show cannot change under the test."""
+    from llmkit.sampling import SamplingParams
+
+    llm = llmkit.load(tiny_model_dir("llama"))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(generated, logits):
+        entered.set()
+        assert release.wait(300), "never released"
+        return logits
+
+    app = create_app(llm, config=ServerConfig(model_name="tiny", max_batch=2, max_queue=5))
+    with running_server(app) as url:
+        assert (metric(url, "llmkit:num_slots"), metric(url, "llmkit:num_slots_free")) == (2, 2)
+        assert metric(url, "llmkit:max_requests_waiting") == 5
+        (held,) = llm.requests([llm.tokenizer.encode("Paris")], SamplingParams(max_tokens=2, logits_processors=[hold]))
+        handle = llm.submit(held)
+        try:
+            assert entered.wait(300)  # the engine is inside a step: nothing is admitted until it returns
+            ask = dict(model="tiny", prompt="The quick brown fox", max_tokens=3, temperature=0)
+            answers = []
+            posts = [threading.Thread(target=lambda: answers.append(client(url).completions.create(**ask)))
+                     for _ in range(2)]
+            for t in posts:
+                t.start()
+            poll(lambda: metric(url, "llmkit:num_requests_waiting") == 2, "two requests waiting", timeout=300)
+            assert metric(url, "llmkit:num_requests_running") == 1
+            assert metric(url, "llmkit:num_slots_free") == 1
+        finally:
+            release.set()
+        for t in posts:
+            t.join(300)
+        assert len(answers) == 2 and handle.done
+        poll(lambda: metric(url, "llmkit:num_slots_free") == 2, "every slot free again", timeout=300)
+        assert metric(url, "llmkit:num_requests_waiting") == 0
+    unbounded = create_app(llm, config=ServerConfig(model_name="tiny", max_queue=None))
+    with running_server(unbounded) as url:
+        assert metric(url, "llmkit:max_requests_waiting") == float("inf")
 
 
 def test_serve_refuses_a_malformed_lora_flag(tiny_model_dir, tmp_path):

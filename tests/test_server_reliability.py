@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import llmkit
-from llmkit.server import ServerConfig, create_app
+from llmkit.server import ServerConfig, create_app, memory
 
 from test_server import MODEL, USER, assert_error, client, free_port, metric, running_server
 
@@ -143,22 +143,24 @@ def test_embeddings_wait_in_the_bounded_queue(gated):
     with running_server(app) as base:
         gate.shut()
         results: dict = {}
+        answered = threading.Event()
 
         def post(name: str, text: str) -> None:
             # generous: on a machine loaded by other work the worker below the loop's priority waits
-            results[name] = httpx.post(base + "/v1/embeddings", json={"input": text}, timeout=300)
+            results[name] = httpx.post(base + "/v1/embeddings", json={"input": text}, timeout=600)
+            answered.set()
 
-        in_thread(post, "running", "fox")
-        assert gate.entered.wait(30)  # in its forward, held by the gate
+        first = in_thread(post, "running", "fox")
+        assert gate.entered.wait(600)  # in its forward, held by the gate
         waiting = [in_thread(post, name, "dog") for name in ("second", "third")]
         # one of the two waits for the forward; the other finds the queue full, while the gate is still shut
-        wait_until(lambda: len(results) == 1, "a refusal while the queue is full")
+        assert answered.wait(600), "no refusal while the queue is full"
         (refused,) = results.values()
         err = assert_error(refused, 429, "queue_full")
         assert "retry" in err["message"]
         gate.opened.set()
-        for t in waiting:
-            t.join(300)
+        for t in (first, *waiting):
+            t.join()
         assert sorted(r.status_code for r in results.values()) == [200, 200, 429]
         assert metric(base, "llmkit:request_rejected_total", reason="queue_full") == 1
 
@@ -185,25 +187,53 @@ def test_embeddings_stop_when_the_client_leaves(gated):
         assert gate.calls == 2  # the abandoned job's first step, then this one: its other steps never ran
 
 
-def test_embeddings_and_echo_scoring_keep_the_time_limit(gated):
+def test_embeddings_keep_the_time_limit(gated):
     llm, gate = gated
     app = create_app(llm, config=ServerConfig(model_name=MODEL, request_timeout=3.0))
     with running_server(app) as base:
-        for route, body in (("/v1/embeddings", {"input": long_texts(llm, 25)}),
-                            ("/v1/completions", {"prompt": ["The quick brown fox", "Paris is the capital"],
-                                                 "max_tokens": 0, "echo": True, "logprobs": 1})):
-            gate.shut()
-            opener = threading.Timer(45, gate.opened.set)  # in case the time limit never comes
-            opener.start()
-            try:
-                assert_error(httpx.post(base + route, json=body, timeout=90), 504, "timeout")
-            finally:
-                opener.cancel()
-            gate.opened.set()
-            r = httpx.post(base + "/v1/embeddings", json={"input": "fox"}, timeout=60)
-            assert r.status_code == 200
-            assert gate.calls == 2, route  # the late job stopped after the step it was in
-        assert metric(base, "llmkit:offload_abandoned_total", reason="timeout") == 2
+        gate.shut()
+        opener = threading.Timer(45, gate.opened.set)  # in case the time limit never comes
+        opener.start()
+        try:
+            assert_error(httpx.post(base + "/v1/embeddings", json={"input": long_texts(llm, 25)}, timeout=90),
+                         504, "timeout")
+        finally:
+            opener.cancel()
+        gate.opened.set()
+        r = httpx.post(base + "/v1/embeddings", json={"input": "fox"}, timeout=60)
+        assert r.status_code == 200
+        assert gate.calls == 2  # the late job stopped after the step it was in
+        assert metric(base, "llmkit:offload_abandoned_total", reason="timeout") == 1
+
+
+def test_echo_scoring_runs_in_the_engine_under_the_time_limit(tiny):
+    """An echoed prompt's logprobs are scored by the engine: behind whatever holds it, the request
+    ends at the time limit and its scoring leaves the engine (every slot free again)."""
+    from llmkit.sampling import SamplingParams
+
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(generated, logits):
+        entered.set()
+        assert release.wait(300), "never released"
+        return logits
+
+    app = create_app(tiny, config=ServerConfig(model_name=MODEL, request_timeout=3.0))
+    with running_server(app) as base:
+        params = SamplingParams(max_tokens=2, logits_processors=[hold])
+        (held,) = tiny.requests([tiny.tokenizer.encode("Paris")], params)
+        handle = tiny.submit(held)
+        try:
+            assert entered.wait(300)
+            body = {"prompt": ["The quick brown fox", "Paris is the capital"], "max_tokens": 0, "echo": True,
+                    "logprobs": 1}
+            assert_error(httpx.post(base + "/v1/completions", json=body, timeout=300), 504, "timeout")
+            assert tiny.engine.num_waiting == 2  # queued behind the held step, not run beside it
+        finally:
+            release.set()
+        list(handle.events())
+        wait_until(lambda: tiny.engine.num_waiting == tiny.engine.num_running == 0, "the engine idle", timeout=300)
+        assert metric(base, "llmkit:request_success_total", finished_reason="abort") == 2
 
 
 def test_one_request_cannot_ask_for_unbounded_work(tiny):
@@ -627,3 +657,82 @@ def test_stream_view_holds_back_only_what_may_still_change():
     cut = final_upto(text)
     assert text[cut:].startswith(" ") and len(text) - cut >= HOLD_BACK_CHARS and "jane" not in text[:cut]
     assert final_upto("x" * 500) == 0  # no space: nothing is final until more text or the end
+
+
+# ------------------------------------------------------------------------------------------ resident memory
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+glibc_only = pytest.mark.skipif(memory._libc() is None, reason="glibc's allocator controls only")
+
+
+@glibc_only
+def test_the_allocator_settings_leave_the_users_own_alone(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.tune_allocator() == {"MALLOC_MMAP_THRESHOLD_": memory.MMAP_THRESHOLD,
+                                       "MALLOC_ARENA_MAX": memory.arena_max()}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
+    assert memory.tune_allocator() == {"MALLOC_MMAP_THRESHOLD_": memory.MMAP_THRESHOLD}
+
+
+@glibc_only
+def test_trimming_gives_freed_pages_back_to_the_system():
+    """Blocks freed in the middle of a thread's arena stay resident until trimmed."""
+    import ctypes
+
+    libc = memory._libc()
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, count = 64 * 1024, 3200  # under the mmap threshold: carved from the arena
+    kept: list = []
+
+    def fill() -> None:
+        for _ in range(count):
+            p = libc.malloc(size)
+            ctypes.memset(p, 1, size)  # touched: resident
+            kept.append(p)
+        for p in kept[:-1]:  # the last block stays: the arena's top cannot shrink past it
+            libc.free(p)
+
+    before = _rss()
+    thread = in_thread(fill)
+    thread.join(300)
+    held = _rss()
+    assert memory.release_free_memory()
+    after = _rss()
+    libc.free(kept[-1])
+    freed = size * (count - 1)
+    assert held - before > freed // 2, "the freed blocks were not resident to begin with"
+    assert held - after > freed // 2
+
+
+def test_trims_come_after_work_once_the_engine_is_idle(tiny):
+    from llmkit.sampling import SamplingParams
+
+    trim = memory.IdleTrim(lambda: tiny.engine)
+    assert not trim.due()  # nothing ran yet
+    tiny.generate("Paris", max_tokens=2, temperature=0)
+    assert trim.due() and not trim.due()  # once per stretch of work
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(generated, logits):
+        entered.set()
+        assert release.wait(300), "never released"
+        return logits
+
+    (held,) = tiny.requests([tiny.tokenizer.encode("Paris")], SamplingParams(max_tokens=3, logits_processors=[hold]))
+    handle = tiny.submit(held)
+    try:
+        assert entered.wait(300)
+        wait_until(lambda: tiny.engine.prompt_tokens_total != trim._seen[0], "the prompt counted", timeout=300)
+        assert not trim.due()  # busy, and the last trim is recent
+        trim._last -= memory.BUSY_TRIM_S
+        assert trim.due()  # busy for that long: trimmed anyway
+    finally:
+        release.set()
+    list(handle.events())

@@ -78,7 +78,8 @@ def load(model: str | Path, *, device: str | torch.device | None = None, dtype: 
     ``max_batch`` is how many requests the engine decodes together.
     ``prefix_cache``: keep the keys and values of earlier prompts and answers so that a prompt
     beginning the same way (a shared system prompt, a conversation's history) is not computed
-    again; True sizes it to the machine, an int is its bound in bytes, False turns it off.
+    again; True bounds it to two whole context windows of this model's keys and values, at most a
+    tenth of the memory available (64 MiB to 2 GiB); an int is its bound in bytes, False turns it off.
     ``speculative``: speculative decoding by prompt lookup while few requests decode (the text is
     the same, or for sampling has the same distribution); ``speculative=False`` on a call or here
     turns it off.
@@ -186,6 +187,24 @@ def _load_llamacpp(name: str, path: Path, read_model, quantize: str | None, max_
                executor=executor, read_model=read_model)
 
 
+def _prefix_cache(setting: bool | int, config, runner):
+    """The engine's prefix cache: None (off), ``setting`` bytes, or for True the default bound in
+    this model's terms (``prefix_cache.default_budget``: its keys and values per token, in the
+    dtype its cache is kept in, and its context window)."""
+    if not setting:
+        return None
+    from llmkit.engine.prefix_cache import PrefixCache, default_budget, kv_bytes_per_token
+
+    if setting is not True:
+        return PrefixCache(int(setting))
+    model = getattr(runner, "model", runner)
+    weight = getattr(getattr(model, "norm", None), "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+    context = config.max_position_embeddings
+    context = min(context, getattr(runner, "context_length", None) or context)
+    return PrefixCache(default_budget(kv_bytes_per_token(config, dtype), context))
+
+
 def _request_options(sampling: dict) -> dict:
     """The per-call settings that are not sampling settings, taken out of ``sampling``."""
     return {"speculative": sampling.pop("speculative", True), "adapter": sampling.pop("adapter", None)}
@@ -239,14 +258,9 @@ class LLM(TaskMixin):
         self.format = format
         self.quantize = quantize
         self.executor_name = getattr(executor, "name", "torch")
-        cache = None
-        if prefix_cache:
-            from llmkit.engine.prefix_cache import PrefixCache, default_budget
-
-            cache = PrefixCache(default_budget() if prefix_cache is True else int(prefix_cache))
-        self.engine = Engine(executor if executor is not None else model, tokenizer,
-                             self.config.max_position_embeddings, max_batch=max_batch, prefix_cache=cache,
-                             speculative=speculative)
+        runner = executor if executor is not None else model
+        self.engine = Engine(runner, tokenizer, self.config.max_position_embeddings, max_batch=max_batch,
+                             prefix_cache=_prefix_cache(prefix_cache, self.config, runner), speculative=speculative)
         self.context_length = self.engine.context_length
 
     @property

@@ -16,6 +16,9 @@ pair whose tokens are forced to be the query's, with each forced token's log-pro
 the model's own distribution reported (``logprobs``); the pairs of a request decode together in
 the engine's batch. ``relevance_score`` is ``exp`` of the mean: the geometric mean of the query
 tokens' probabilities, in (0, 1], higher is more relevant.
+
+The same forcing scores a whole text (the server's echoed prompt with logprobs): every token after
+the first, forced after the first, on the base model or a LoRA adapter like any generation.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from llmkit.errors import InvalidSamplingError
 from llmkit.sampling import SamplingParams
 
-__all__ = ["scoring_ids", "scoring_requests", "score_of", "rerank", "PASSAGE_PROMPT"]
+__all__ = ["scoring_ids", "scoring_requests", "score_of", "rerank", "text_scoring_requests", "text_logprobs",
+           "PASSAGE_PROMPT"]
 
 PASSAGE_PROMPT = "Passage: {document}\nPlease write a question based on this passage."
 
@@ -56,16 +60,38 @@ def _forcing(target: list[int]):
     return force
 
 
-def scoring_requests(llm, pairs: Sequence[tuple[list[int], list[int]]]) -> list:
+def scoring_requests(llm, pairs: Sequence[tuple[list[int], list[int]]], *, top: int = 0,
+                     adapter: str | None = None) -> list:
     """One engine request per (prompt ids, query ids): the query's tokens forced, each one's
-    log-probability reported (``Event.logprob``)."""
+    log-probability reported (``Event.logprob``), with the ``top`` most likely tokens at its
+    place (``Event.top_logprobs``); on the LoRA adapter ``adapter`` (None: the base model)."""
     out = []
     for prompt_ids, query_ids in pairs:
         if not query_ids:
             raise InvalidSamplingError("the query is empty: give at least one token of text to score.")
         params = SamplingParams(max_tokens=len(query_ids), temperature=0, ignore_eos=True,
                                 logits_processors=[_forcing(list(query_ids))])
-        out.extend(llm.requests([prompt_ids], params, logprobs=0, speculative=False))
+        out.extend(llm.requests([prompt_ids], params, logprobs=top, speculative=False, adapter=adapter))
+    return out
+
+
+def text_scoring_requests(llm, texts: Sequence[Sequence[int]], *, top: int = 0, adapter: str | None = None) -> list:
+    """The scoring of whole texts (an echoed prompt's logprobs): each text's tokens after its
+    first forced after that first one. Texts of one token have nothing to score: no request."""
+    return scoring_requests(llm, [(list(ids[:1]), list(ids[1:])) for ids in texts if len(ids) > 1],
+                            top=top, adapter=adapter)
+
+
+def text_logprobs(texts: Sequence[Sequence[int]], events: Sequence[Sequence]) -> list[list[tuple]]:
+    """Per text, (token, logprob, top alternatives as (token, logprob)) for each of its tokens,
+    logprob None for the first (nothing comes before it); ``events``: the token events of each
+    of ``text_scoring_requests``'s requests, in order."""
+    out, scored = [], iter(events)
+    for ids in texts:
+        rows = [(ids[0], None, [])]
+        if len(ids) > 1:
+            rows += [(token, e.logprob, list(e.top_logprobs or [])) for token, e in zip(ids[1:], next(scored))]
+        out.append(rows)
     return out
 
 

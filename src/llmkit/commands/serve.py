@@ -52,7 +52,8 @@ from llmkit.cli import dtype_option, executor_option, friendly_errors, model_opt
 @click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True,
               help="Do not keep earlier prompts' keys and values for reuse (on by default).")
 @click.option("--prefix-cache-mb", type=click.IntRange(1, None), default=None,
-              help="Memory bound of the prefix cache (default: a tenth of the memory available, 64-2048 MB).")
+              help="Memory bound of the prefix cache (default: two whole context windows of the model's keys and "
+                   "values, at most a tenth of the memory available, 64-2048 MB).")
 @click.option("--no-speculative", "no_speculative", is_flag=True,
               help="Do not speculate by prompt lookup (on by default while few requests decode).")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",

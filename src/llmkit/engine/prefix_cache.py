@@ -113,7 +113,12 @@ class PrefixCache:
         return len(self._entries)
 
 
-def default_budget() -> int:
+# The default bound in this model's own terms: the keys and values of this many whole context
+# windows (a long conversation and the prompts other clients share), unless memory is tighter.
+DEFAULT_CONTEXTS = 2
+
+
+def memory_budget() -> int:
     """A tenth of the memory available now, between 64 MiB and 2 GiB."""
     try:
         with open("/proc/meminfo") as f:
@@ -121,3 +126,20 @@ def default_budget() -> int:
     except (OSError, StopIteration, ValueError):
         available = 4 << 30
     return max(64 << 20, min(2 << 30, available // 10))
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token takes in every layer (what a cached block holds per token)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+
+
+def default_budget(per_token: int | None = None, context_length: int | None = None) -> int:
+    """The default bound: ``DEFAULT_CONTEXTS`` whole context windows of keys and values at
+    ``per_token`` bytes a token (``kv_bytes_per_token``), at most ``memory_budget()``; without
+    the model's sizes, ``memory_budget()`` alone. A small model thus keeps a cache its own size,
+    not a share of the machine."""
+    cap = memory_budget()
+    if not per_token or not context_length:
+        return cap
+    return min(cap, DEFAULT_CONTEXTS * context_length * per_token)

@@ -9,6 +9,7 @@ the events to the event loop. The engine batches all running requests into one f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
-from llmkit.server import errors, openapi
+from llmkit.server import errors, memory, openapi
 from llmkit.server.auth import Guard
 from llmkit.server.bodies import read_json
 from llmkit.server.config import ServerConfig
@@ -50,9 +51,16 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        tuned = memory.tune_allocator()  # before the model's tensors and the server's threads
+        if tuned:
+            log.debug("allocator settings: %s", tuned)
+        trim = asyncio.create_task(memory.IdleTrim(lambda: state.llm.engine if state.llm is not None else None).run())
         if state.llm is None and loader is not None:
             threading.Thread(target=load, name="llmkit-load", daemon=True).start()
-        yield
+        try:
+            yield
+        finally:
+            trim.cancel()
         await state.drain(config.drain_timeout)
 
     app = FastAPI(title="llmkit", version=_version(), lifespan=lifespan,

@@ -25,6 +25,19 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 FINISHED_LABEL = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "abort"}
 
 
+def _free_slots(engine) -> int:
+    if engine is None:
+        return 0
+    return max(getattr(engine, "max_batch", 0) - getattr(engine, "num_running", 0), 0)
+
+
+def _queue_limit(engine) -> float:
+    if engine is None:
+        return 0
+    limit = getattr(engine, "max_queue", None)
+    return float("inf") if limit is None else limit
+
+
 class Metrics:
     def __init__(self, engine: Callable[[], object | None]):
         """``engine()`` returns the model's engine, or None while the model loads. The engine may
@@ -36,6 +49,14 @@ class Metrics:
         running.set_function(lambda: getattr(engine(), "num_running", 0))
         waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a slot in the batch.", registry=r)
         waiting.set_function(lambda: getattr(engine(), "num_waiting", 0))
+        slots = Gauge(PREFIX + "num_slots", "Slots in the engine's batch: requests it decodes together.", registry=r)
+        slots.set_function(lambda: getattr(engine(), "max_batch", 0))
+        free = Gauge(PREFIX + "num_slots_free", "Slots free to take a request now (num_slots minus "
+                     "num_requests_running).", registry=r)
+        free.set_function(lambda: _free_slots(engine()))
+        queue = Gauge(PREFIX + "max_requests_waiting", "Requests that may wait for a slot before more are refused "
+                      "(429); +Inf when unbounded.", registry=r)
+        queue.set_function(lambda: _queue_limit(engine()))
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed (prefilled).", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
@@ -51,7 +72,7 @@ class Metrics:
                                ["finished_reason"], registry=r)
         for label in ("stop", "length", "abort"):
             self.success.labels(label)
-        self.abandoned = Counter(PREFIX + "offload_abandoned", "Embeddings and prompt scorings stopped before "
+        self.abandoned = Counter(PREFIX + "offload_abandoned", "Embeddings stopped before "
                                  "their answer, by reason (client_gone, timeout).", ["reason"], registry=r)
         for label in ("client_gone", "timeout"):
             self.abandoned.labels(label)

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from llmkit import relevance
 from llmkit.server import params, prompts, schemas, tools
 from llmkit.server.bodies import parse
 from llmkit.server.errors import bad_request
@@ -95,16 +96,12 @@ async def completions(request: Request):
     # every check before any work: the choices' requests are built (not yet queued) first
     jobs = await params.build(state, req, ids_list, req.max_tokens, k, adapter=adapter) if req.max_tokens != 0 else None
     if req.echo:
-        if k is not None and adapter is not None:  # the prompt is scored by the base model's forward
-            raise bad_request(f"echo with logprobs scores prompts on the base model only, not on the adapter "
-                              f"{adapter!r}: ask the base model ({config.model_name!r}) or leave out echo.",
-                              param="echo")
         if k is not None:
             limits = [0 if req.max_tokens == 0 else params.max_tokens_for(req.max_tokens, len(p), llm.context_length,
                                                                           config) for p in ids_list]
             params.check_work(config, ids_list, req.n, limits, k, echo=True)
         try:
-            scores = await _prompt_logprobs(state, request, ids_list, k, arrival)
+            scores = await _prompt_logprobs(state, request, ids_list, k, arrival, adapter)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         gen.echo = [(llm.tokenizer.decode(ids), lp) for ids, lp in zip(ids_list, scores)]
@@ -118,28 +115,15 @@ async def completions(request: Request):
 
 
 async def _prompt_logprobs(state: ServerState, request: Request, prompts_ids: list[list[int]], k: int | None,
-                           arrival: float) -> list:
-    """Logprob of each prompt token given the ones before it (None for the first), per prompt: for
-    echo, so that evaluation tools can score a text. One full forward per prompt, beside the
-    engine's batch (``ServerState.offload``: bounded queue, time limit, stops when the client leaves)."""
+                           arrival: float, adapter: str | None) -> list:
+    """Logprob of each prompt token given the ones before it (None for the first), per prompt, on
+    the request's model or adapter: for echo, so that evaluation tools can score a text. Scored
+    through the engine like any generation (``relevance.text_scoring_requests``)."""
     if k is None:
         return [None] * len(prompts_ids)
-    llm = state.llm
-
-    def score(ids: list[int]) -> list:
-        import torch
-
-        logprobs = torch.log_softmax(llm.logits(ids).float(), dim=-1)
-        out: list = [(ids[0], None, [])]
-        for pos in range(1, len(ids)):
-            row = logprobs[pos - 1]
-            top = []
-            if k:
-                values, indices = torch.topk(row, k)
-                top = list(zip(indices.tolist(), values.tolist()))
-            out.append((ids[pos], float(row[ids[pos]]), top))
-        return out
-
-    timeout = state.config.request_timeout
-    steps = [lambda ids=ids: score(ids) for ids in prompts_ids]
-    return await state.offload.run(steps, deadline=arrival + timeout, timeout=timeout, request=request)
+    jobs = relevance.text_scoring_requests(state.llm, prompts_ids, top=k, adapter=adapter)
+    events: list[list] = [[] for _ in jobs]
+    async for i, event in Run(state, jobs, arrival, request, poll_disconnect=True).events():
+        if event.token is not None:
+            events[i].append(event)
+    return relevance.text_logprobs(prompts_ids, events)
