@@ -6,6 +6,16 @@ weight-only layout calls on x86).
     OMP_NUM_THREADS=2 python bench/quant_kernels.py --threads 2           # full table
     OMP_NUM_THREADS=1 python bench/quant_kernels.py --threads 1 --quick   # fewer shapes and types
     ... --out bench/quant-kernels-results-1thread.json                    # another results file
+    OMP_NUM_THREADS=1 python bench/quant_kernels.py --threads 1 --against OLD.c  # this quant.c vs another
+
+``--against OLD.c`` compares the working tree's quant.c with another version of it (for example
+``git show HEAD:src/llmkit/engine/quant.c > /tmp/old.c``), both built here and run in one process in
+alternating rounds, so that both see the same load: the products of one SmolLM2 layer at 1, 16
+and 512 rows (one copy of the weights: this compares compute, not memory; results must be equal,
+bit for bit, unless --allow-differences), and a 512-token
+prefill of the default model through the engine's executor. With one thread, times are this
+thread's CPU time (less distorted by other work on the machine than wall time); with more, wall
+time. Writes bench/quant-kernels-ab-results.json unless --out is given.
 
 Shapes are (out_features, in_features): SmolLM2-135M's attention, MLP and output head, and
 Llama-3.2-1B's. Weights are random blocks with realistic scales. For 1-16 rows the weights are
@@ -36,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llmkit.engine import native, quant  # noqa: E402
 
 OUT = Path(__file__).with_name("quant-kernels-results.json")
+AB_OUT = Path(__file__).with_name("quant-kernels-ab-results.json")
+# one SmolLM2 layer's products as the engine runs them: q/k/v stacked, o, gate/up stacked, down
+LAYER_PRODUCTS = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 SHAPES = {
     "smollm2": [(576, 576), (1536, 576), (576, 1536), (49152, 576)],
     "llama-1b": [(2048, 2048), (8192, 2048), (2048, 8192), (512, 2048)],
@@ -306,17 +319,117 @@ def model_sweep(rows_list, reps) -> dict:
     return out
 
 
+def _clock():
+    """This thread's CPU time where one thread does all the work, else wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def ab_products(kernels: dict, types, rows_list, reps: int, exact: bool) -> list[dict]:
+    """Each build's product on the same random blocks, alternating calls; medians."""
+    clock, out = _clock(), []
+    for t in types:
+        for n, k in LAYER_PRODUCTS:
+            k = k if k % quant.TYPES[t][1] == 0 else 4 * quant.TYPES[t][1]  # K formats: whole blocks of 256
+            raw = random_blocks(t, n, k, np.random.default_rng(0))
+            mats = {name: quant.QuantMatrix.from_gguf(raw, t, (n, k), kernels=kern) for name, kern in kernels.items()}
+            for rows in rows_list:
+                x = torch.randn(rows, k)
+                ys = [m(x) for m in mats.values()]
+                same = all(torch.equal(ys[0], y) for y in ys[1:])
+                if exact and not same:
+                    sys.exit(f"{quant.TYPES[t][0]} {n}x{k} at {rows} rows: the builds' results differ")
+                times = {name: [] for name in mats}
+                for _ in range(reps):
+                    for name, m in mats.items():
+                        c = clock()
+                        m(x)
+                        times[name].append(clock() - c)
+                row = {"type": quant.TYPES[t][0], "shape": [n, k], "rows": rows, "equal": same,
+                       **{f"{name}_ms": statistics.median(ts) * 1e3 for name, ts in times.items()}}
+                out.append(row)
+                print("  ", row, flush=True)
+    return out
+
+
+def ab_prefill(kernels: dict, rounds: int) -> dict:
+    """A 512-token prompt through the default model's executor (one pass, as the engine runs a
+    prompt chunk), the model loaded once per build; alternating rounds; medians."""
+    import llmkit
+
+    clock, llms = _clock(), {}
+    saved = quant._kernels.get("native")
+    try:
+        for name, kern in kernels.items():
+            quant._kernels["native"] = kern  # what the model's matrices are packed for and call
+            llms[name] = llmkit.load("smollm2", progress=False)
+    finally:
+        quant._kernels["native"] = saved
+    words = "The quick brown fox jumps over the lazy dog while the cat watches from the window. "
+    ids: list[int] = []
+    while len(ids) < 512:
+        ids += next(iter(llms.values())).tokenizer.encode(words)
+    prompt = ids[:512]
+
+    def one(llm) -> tuple[float, torch.Tensor]:
+        executor = llm.engine.executor
+        executor.fit(512, 1)
+        with torch.inference_mode():
+            c = clock()
+            logits = executor.forward([(0, prompt, 0)], [])[0][0]
+            return clock() - c, logits
+
+    first = {name: one(llm)[1] for name, llm in llms.items()}
+    times: dict[str, list[float]] = {name: [] for name in llms}
+    for r in range(rounds):
+        for name in (list(llms) if r % 2 == 0 else list(reversed(llms))):
+            times[name].append(one(llms[name])[0])
+    logits = list(first.values())
+    return {"prompt_tokens": 512, "rounds": rounds,
+            "logits_equal": all(torch.equal(logits[0], x) for x in logits[1:]),
+            **{f"{name}_s": statistics.median(ts) for name, ts in times.items()},
+            **{f"{name}_tokens_per_s": 512 / statistics.median(ts) for name, ts in times.items()}}
+
+
+def against(args) -> None:
+    # the build's file name carries a hash of its source: one build per version compared
+    old_lib = native.load("quant-against", args.against.read_text(), quant.VARIANTS["native"], quant._FUNCTIONS)
+    if old_lib is None:
+        sys.exit(f"{args.against} does not build")
+    kernels = {"this": quant.kernels(), "against": quant.Kernels(old_lib, "against")}
+    result = {"command": " ".join(["python", "bench/quant_kernels.py", *sys.argv[1:]]),
+              "against": str(args.against), "threads": torch.get_num_threads(),
+              "clock": "thread CPU time" if torch.get_num_threads() == 1 else "wall",
+              "kernels": kernels["this"].simd, "load_average_before": os.getloadavg()}
+    print(json.dumps(result, indent=1), flush=True)
+    print("products (ms, medians):")
+    result["products"] = ab_products(kernels, [3, 8, 12, 14] if args.quick else TYPES, [1, 16, 512], args.reps * 2,
+                                     not args.allow_differences)
+    print("prefill of 512 tokens:")
+    result["prefill"] = ab_prefill(kernels, args.reps)
+    print("  ", result["prefill"], flush=True)
+    result["load_average_after"] = os.getloadavg()
+    out = args.out or AB_OUT
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--quick", action="store_true", help="Q4_1, Q8_0, Q4_K, Q6_K on four shapes")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=OUT, help=f"where to write the results (default {OUT.name})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where to write the results (default {OUT.name}, or {AB_OUT.name} with --against)")
+    ap.add_argument("--against", type=Path, help="another quant.c to compare this one with (see above)")
+    ap.add_argument("--allow-differences", action="store_true", help="with --against: results may differ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kern = quant.kernels()
     if kern is None:
         sys.exit("the native kernels do not build here (no C compiler?)")
+    if args.against:
+        return against(args)
+    args.out = args.out or OUT
     rng = np.random.default_rng(0)
     types = [3, 8, 12, 14] if args.quick else TYPES
     shapes = [(m, s) for m, ss in SHAPES.items() for s in ss]

@@ -393,6 +393,11 @@ static inline __m256i bcast4(const int8_t* p) { int32_t v; memcpy(&v, p, 4); ret
 #define DOT_FLUSH(i32, acc) _mm256_add_epi32((i32), _mm256_madd_epi16((acc), ONES16))
 #endif
 
+/* Keeps an accumulator in its register, added to step by step. Without it GCC reassociates the
+ * integer sums of a block into a tree of partial products that no longer fit in the 16 vector
+ * registers, and spills most of them to the stack. Integer sums are exact: the result is the same. */
+#define PIN(v) __asm__("" : "+v"(v))
+
 static inline __m256i high_bits(__m256i qh, int shift) {  /* bit shift+i of each row's u32 -> byte i: 16 or 0 */
     __m256i v = _mm256_srl_epi32(qh, _mm_cvtsi32_si128(shift));
     v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
@@ -432,6 +437,7 @@ static inline __attribute__((always_inline)) void rows_small(const int t, const 
 #else
                     i32[r] = _mm256_add_epi32(i32[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ONES16));
 #endif
+                    PIN(i32[r]);
                 }
             }
         } else {
@@ -440,7 +446,10 @@ static inline __attribute__((always_inline)) void rows_small(const int t, const 
                 __m256i raw = ld(q + 32 * (k & 3));
                 __m256i w = k < 4 ? _mm256_and_si256(raw, M4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), M4);
                 if (five) w = _mm256_or_si256(w, high_bits(ld(g + 16 + 16 * off), k < 4 ? 4 * k : 16 + 4 * (k - 4)));
-                for (int r = 0; r < MR; r++) p[r] = DOT_ADD(p[r], w, bcast4(x[r] + 32 * b + 4 * k));
+                for (int r = 0; r < MR; r++) {
+                    p[r] = DOT_ADD(p[r], w, bcast4(x[r] + 32 * b + 4 * k));
+                    if (!five) PIN(p[r]);  /* not for the 5-bit formats: there it gained nothing or cost time */
+                }
                 if (five && k == 3)
                     for (int r = 0; r < MR; r++) { i32[r] = DOT_FLUSH(i32[r], p[r]); p[r] = _mm256_setzero_si256(); }
             }
@@ -476,7 +485,10 @@ static inline __attribute__((always_inline)) void rows_k45(const int t, const ui
                     __m256i h = _mm256_srl_epi16(ld(g + 160 + 32 * v), _mm_cvtsi32_si128(j));
                     w = _mm256_or_si256(w, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
                 }
-                for (int r = 0; r < MR; r++) p[r] = DOT_ADD(p[r], w, bcast4(x[r] + 256 * b + 32 * j + 4 * v));
+                for (int r = 0; r < MR; r++) {
+                    p[r] = DOT_ADD(p[r], w, bcast4(x[r] + 256 * b + 32 * j + 4 * v));
+                    if (!five) PIN(p[r]);
+                }
                 if (five && v == 3)
                     for (int r = 0; r < MR; r++) { i32[r] = DOT_FLUSH(i32[r], p[r]); p[r] = _mm256_setzero_si256(); }
             }
