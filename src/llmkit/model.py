@@ -301,7 +301,8 @@ class Attention(nn.Module):
         if t <= SMALL_QUERY and (not q.is_cuda or g.fixed):  # on CUDA too for a fixed shape: no SDPA dispatch
             y = small_query_attention(q, k, v, g.mask)
         else:  # (B, H, T, D) x (B, Hk, L, D): grouped-query attention without copying k/v per head
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=self.h != self.hk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.causal,
+                                               enable_gqa=self.h != self.hk)
         return y.transpose(1, 2).reshape(b, t, self.h * self.d)
 
 
@@ -523,8 +524,11 @@ class Transformer(nn.Module):
         # mask (B, 1, T, L): a query sees keys at positions up to its own (and within the window)
         kp = key_pos.view(1, 1, -1) if key_pos.dim() == 1 else key_pos[:, None, :]
         qp = positions[:, :, None]
+        causal = False
         if b == 1 and t == 1 and (not window or length <= window) and not fixed:
             mask = None  # one new token that sees every cached key: no mask, SDPA's fastest path
+        elif self._from_start(positions, length, window) and (t > SMALL_QUERY or device.type == "cuda"):
+            mask, causal = None, True  # SDPA's causal form: it skips the masked half (flash on CUDA)
         else:
             mask = kp <= qp
             if window:
@@ -532,7 +536,15 @@ class Transformer(nn.Module):
             mask = mask[:, None]
             if t <= SMALL_QUERY and (positions.device.type != "cuda" or fixed):  # small_query_attention adds it
                 mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        return Rows(start, b, t, slots, positions, length, span, mask, fixed=fixed)
+        return Rows(start, b, t, slots, positions, length, span, mask, fixed=fixed, causal=causal)
+
+    @staticmethod
+    def _from_start(positions: torch.Tensor, length: int, window: int | None) -> bool:
+        """Whether every sequence's new tokens are all it has, at positions 0..t-1, and see each
+        other without a window cutting in: the plain causal mask."""
+        t = positions.shape[1]
+        return t > 1 and length == t and (not window or t <= window) and \
+            torch.equal(positions, torch.arange(t, device=positions.device).expand_as(positions))
 
     def _kind_config(self, kind: str) -> ModelConfig:
         """The config an executor's decode kernel reads for the layers of ``kind``: the model's
@@ -580,3 +592,4 @@ class Rows:
     mask: torch.Tensor | None
     decode: object = None  # the executor's Ops.decode_plan, when its kernel attends (one query each)
     fixed: bool = False  # attends to a fixed number of positions (forward_many's fixed_length)
+    causal: bool = False  # no mask: the plain causal one, from position 0 (SDPA's is_causal)
