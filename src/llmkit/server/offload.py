@@ -1,5 +1,4 @@
-"""Work beside the engine's batch: full forwards of the model for embeddings and for scoring an
-echoed prompt. It runs on one worker thread, one job at a time, behind a bounded queue (a full
+"""Work beside the engine's batch: full forwards of the model for embeddings. It runs on one worker thread, one job at a time, behind a bounded queue (a full
 queue is a 429, as the engine's is); a job is a list of steps, and between two steps the worker
 stops a job whose client left or whose time ran out."""
 
