@@ -11,7 +11,10 @@ Workloads (the default model, its default configuration, greedy decoding):
 - extractive work (prompt lookup): extract fields to JSON from a 400-token document, answer with a
   quoted span, summarize by selection, a code edit that returns the file; one stream, tokens/s
   with and without speculation, and whether the text is identical. Free-form generation too (the
-  cost of speculating where little repeats).
+  cost of speculating where little repeats). With each, what the proposer did (deterministic under
+  greedy decoding): passes, tokens proposed and kept, tokens per checking pass.
+- row cost (``--only rowcost``): a decode pass of k rows of one sequence (how proposals are checked)
+  against a pass of one row, at a 500-token context; what ``llmkit.engine.lookup.ROW_COST`` models.
 - adapters: 16 streams spread over 4 random LoRA adapters and the base, against 16 streams on
   the base alone; aggregate tokens/s.
 Every figure is the median of ``--repeats`` runs; on and off alternate within each repeat.
@@ -128,6 +131,48 @@ def one_stream(llm, ids, speculative: bool, n: int = 128) -> tuple[float, list[i
     return (len(handle.tokens) - 1) / (time.perf_counter() - first), handle.tokens
 
 
+def lookup_counts(llm, ids, n: int = 128) -> dict:
+    """One speculative run's decode passes and proposals (greedy: the same every run), counted
+    from the passes themselves: each pass yields its kept tokens and one of the model's own."""
+    engine, passes = llm.engine, []
+    forward = engine.executor.forward
+
+    def counting(chunks, decodes):
+        if decodes and not chunks:
+            passes.append(len(decodes))
+        return forward(chunks, decodes)
+
+    engine.executor.forward = counting
+    try:
+        _, tokens = one_stream(llm, ids, True, n)
+    finally:
+        del engine.executor.forward
+    checks = sum(1 for rows in passes if rows > 1)
+    kept = len(tokens) - 1 - len(passes)  # the first token came from the prompt's pass
+    return {"decode_passes": len(passes), "checking_passes": checks,
+            "proposed": sum(rows - 1 for rows in passes if rows > 1), "kept": kept,
+            "kept_per_check": kept / checks if checks else 0.0}
+
+
+def row_cost(llm, context: int = 500, rows=(1, 2, 3, 4, 6, 8, 12, 16), repeats: int = 9) -> dict:
+    """Time of a decode pass of k rows of one sequence over a pass of one row (medians; the
+    one-row pass is timed next to each)."""
+    executor = llm.engine.executor
+    executor.fit(context + max(rows) + 1, 1)
+    ratios: dict[int, list[float]] = {k: [] for k in rows}
+    with torch.inference_mode():
+        executor.forward([(0, [1 + i % 100 for i in range(context)], 0)], [])
+        for _ in range(repeats):
+            for k in rows:
+                start = time.perf_counter()
+                executor.forward([], [(0, 5, context)])
+                one = time.perf_counter() - start
+                start = time.perf_counter()
+                executor.forward([], [(0, 5 + i, context + i) for i in range(k)])
+                ratios[k].append((time.perf_counter() - start) / one)
+    return {str(k): statistics.median(v) for k, v in ratios.items()}
+
+
 def make_adapters(llm, root: Path, count: int) -> dict[str, Path]:
     """Random rank-8 PEFT adapters on q/v/down of every layer of the model."""
     from safetensors.torch import save_file
@@ -211,8 +256,12 @@ def main(argv=None) -> dict:
                           "speculative_tok_s": statistics.median(p[1] for p in pairs),
                           "identical": all(p[2] for p in pairs)}
             look[name]["ratio"] = look[name]["speculative_tok_s"] / look[name]["plain_tok_s"]
+            look[name]["proposer"] = lookup_counts(off, ids)
             print("lookup", name, look[name], flush=True)
         res["prompt_lookup"] = look
+    if "rowcost" in only:
+        res["check_pass_cost_vs_one_row"] = row_cost(off)
+        print("row cost", res["check_pass_cost_vs_one_row"], flush=True)
     if "adapters" in only:
         with tempfile.TemporaryDirectory() as tmp:
             for name, folder in make_adapters(off, Path(tmp), 4).items():

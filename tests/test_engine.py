@@ -354,3 +354,37 @@ def test_requests_are_admitted_against_a_shared_cache_budget(tiny):
         list(h.events())
         assert h.finish_reason == "length" and h.tokens == alone(tiny, p, greedy(24))
     assert 0 < executor.peak <= executor.cells
+
+
+def test_the_events_of_a_step_reach_their_callbacks_together_after_it(tiny):
+    # A caller that carries events to another thread (the server's event loop) can then wake it
+    # once per step: every request's event of a step has been emitted before the first callback.
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=5, speculative=False)
+    ids = prompts(tiny)
+    busy, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(generated, logits):  # the engine waits here while the others are submitted
+        busy.set()
+        release.wait(30)
+        return logits
+
+    first = engine.submit(Request(ids[0], greedy(2, logits_processors=[hold])))
+    assert busy.wait(30)
+    handles, seen, got = [], [], {}
+
+    def record(event):
+        seen.append([len(h.tokens) for h in handles])  # every request's tokens, as this callback runs
+        got.setdefault(event.index, []).append(event.token)
+        if event.finish_reason is not None and all(h.done for h in handles):
+            finished.set()
+
+    handles.extend(engine.submit(Request(p, greedy(6)), on_event=record) for p in ids)
+    release.set()
+    list(first.events())
+    assert finished.wait(60)
+    assert len(seen) == 6 * len(ids)
+    # the prompts were prefilled in one step, so the requests advance in lockstep: at each
+    # callback, every request already has the token of that step
+    assert all(len(set(counts)) == 1 for counts in seen), seen
+    for h, p in zip(handles, ids):  # complete and in order
+        assert got[h.id] == h.tokens == alone(tiny, p, greedy(6))

@@ -732,3 +732,42 @@ def test_serving_runs_the_same_default_as_load():
     assert serving_executor("llama.cpp", None) == ("llama.cpp", None)
     assert serving_executor("auto", "float32") == ("auto", "float32")
     assert serving_executor("auto", None) == ("auto", None)  # what llmkit.load picks by itself
+
+def test_engine_events_cross_into_the_event_loop_in_batches():
+    # Events that the engine thread hands over while the loop is busy reach every run complete
+    # and in order, with one wake-up of the loop for all of them (not one per event).
+    from llmkit.server.running import Inbox
+
+    class Counting(Inbox):
+        drains = 0
+
+        def _drain(self):
+            self.drains += 1
+            super()._drain()
+
+    class Receiver:  # what Inbox hands events on to: Run._arrive's signature
+        def __init__(self):
+            self.got = []
+
+        def _arrive(self, i, event, at):
+            self.got.append((i, event))
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        inbox, busy, release = Counting(loop), threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(lambda: (busy.set(), release.wait(30)))  # the loop is busy elsewhere
+        assert busy.wait(30)
+        runs = [Receiver() for _ in range(16)]
+        for step in range(20):  # from this thread, as from the engine's: 20 steps of 16 streams
+            for run in runs:
+                inbox.deliver(run, step % 2, step)
+        release.set()
+        poll(lambda: all(len(r.got) == 20 for r in runs), "every event to arrive")
+        assert all(r.got == [(s % 2, s) for s in range(20)] for r in runs)
+        assert inbox.drains == 1
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llmkit
+from llmkit.engine.lookup import Lookup, best_length, continuation
 from llmkit.sampling import Sampler, SamplingParams
 
 COPYING = [  # prompts whose continuation tends to repeat what came before: proposals happen
@@ -53,6 +54,8 @@ def test_accepted_proposals_save_passes(pair):
         del spec.engine.executor.forward
     assert spec.engine.spec_accepted > accepted  # the model agreed with some proposals ...
     assert len(out) == 40 and len(steps) < len(out)  # ... so fewer passes than tokens (the prompt is one)
+    # every pass yields its kept tokens and one more; the count is complete when the answer is
+    assert spec.engine.spec_accepted - accepted == len(out) - len(steps)
 
 
 def test_speculation_can_be_turned_off_per_call(pair):
@@ -85,3 +88,83 @@ def test_greedy_check_keeps_only_the_argmax():
     logits = torch.tensor([0.1, 3.0, 0.2, 0.3])
     assert sampler.verify(logits, [], 1) == (1, True)
     assert sampler.verify(logits, [], 2) == (1, False)
+
+
+def test_long_proposals_keep_the_greedy_text_and_save_more_passes(pair):
+    """A model caught in a loop is copied many tokens per pass: the proposals grow past a handful
+    of tokens, and the text stays that of plain decoding."""
+    spec, plain = pair
+    rows = []
+    forward = spec.engine.executor.forward
+
+    def counting(chunks, decodes):
+        rows.append(len(decodes))
+        return forward(chunks, decodes)
+
+    spec.engine.executor.forward = counting
+    try:
+        for prompt in COPYING:
+            ids = spec.tokenizer.encode(prompt)
+            n = spec.engine.context_length - len(ids) - 1  # as long as the tiny model's context allows
+            want = plain.generate_ids(ids, max_tokens=n, temperature=0, ignore_eos=True)
+            assert spec.generate_ids(ids, max_tokens=n, temperature=0, ignore_eos=True) == want
+    finally:
+        del spec.engine.executor.forward
+    assert max(rows) > 6  # more than the five proposed tokens (plus the last one) of a fixed length
+
+
+def test_a_repeat_is_continued_past_the_end_of_the_sequence():
+    seq = [7, 1, 2, 1, 2, 1, 2]
+    assert continuation(seq, 5, 5) == [1, 2, 1, 2, 1]  # the match at 3..4 runs into the end
+    lookup = Lookup()
+    lookup.rate = 1.0
+    proposal = lookup.propose(seq, 6)
+    assert len(proposal) > 2 and proposal == [1, 2, 1, 2, 1, 2][: len(proposal)]  # more than seq holds after the match
+
+
+def test_the_longest_agreeing_match_wins_over_the_most_recent():
+    # "5 6" occurs after "3 4" (long agreement with the end) and, more recently, after "9"
+    seq = [1, 2, 3, 4, 5, 6, 10, 11, 9, 5, 6, 12, 13, 0, 2, 3, 4, 5, 6]
+    lookup = Lookup()
+    lookup.rate = 1.0
+    assert lookup.propose(seq, 2) == [10, 11]
+    recent = [1, 5, 6, 10, 11, 9, 5, 6, 12, 13, 0, 5, 6]  # equal agreement: the most recent
+    lookup = Lookup()
+    lookup.rate = 1.0
+    assert lookup.propose(recent, 2) == [12, 13]
+
+
+def test_the_proposal_length_follows_the_chance_of_keeping_tokens():
+    assert best_length(0.05, 16) == 0  # a wrong proposal would cost more than it could save
+    lengths = [best_length(c, 16) for c in (0.5, 0.7, 0.9, 0.99)]
+    assert lengths == sorted(lengths) and lengths[-1] == 16
+    assert best_length(0.99, 3) == 3
+    assert best_length(0.9, 16, row_cost=0.0) == 16  # free rows: propose all there is
+
+
+def test_a_sequence_that_starts_copying_again_is_noticed_without_a_check():
+    text = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9]
+    lookup = Lookup()
+    lookup.rate = 0.0  # proposals have failed so far
+    seq = text + [3, 1]
+    assert lookup.propose(seq, 8) == []  # a two-token match with that record: not worth a check ...
+    seq.append(4)  # ... but its guess, 4, comes true
+    assert lookup.propose(seq, 8) == [1]  # so the next match is checked
+    assert lookup.rate > 0.0
+    unaware = Lookup()
+    unaware.rate = 0.0
+    assert unaware.propose(seq, 8) == []  # where nothing was learned, it still is not
+
+
+def test_greedy_text_is_the_same_on_the_native_decode_step(tiny_model_dir):
+    """Block-format weights: a check of many rows of one slot goes through the one-call decode step."""
+    path = tiny_model_dir("llama")
+    spec = llmkit.load(path, quantize="q8_0", prefix_cache=False)
+    plain = llmkit.load(path, quantize="q8_0", prefix_cache=False, speculative=False)
+    assert spec.engine.executor.step is not None
+    for prompt in COPYING:
+        ids = spec.tokenizer.encode(prompt)
+        n = spec.engine.context_length - len(ids) - 1
+        want = plain.generate_ids(ids, max_tokens=n, temperature=0, ignore_eos=True)
+        assert spec.generate_ids(ids, max_tokens=n, temperature=0, ignore_eos=True) == want
+    assert spec.engine.spec_accepted > 0

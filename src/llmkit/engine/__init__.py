@@ -12,7 +12,9 @@ Requests join and leave between steps. Text comes out incrementally: a UTF-8 cha
 across tokens, and a possible beginning of a stop string, are held back until final.
 
 Callers ``submit`` a request and get a ``Handle``: iterate its events (blocking), or pass an
-``on_event`` callback (the server bridges it into asyncio), and ``cancel()`` it at any time.
+``on_event`` callback (called on the engine's thread when the step that emitted the event ends,
+the step's events back to back; the server bridges them into asyncio), and ``cancel()`` it at
+any time.
 """
 
 from __future__ import annotations
@@ -31,17 +33,16 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from llmkit.engine.executor import Executor, TorchExecutor
+from llmkit.engine.lookup import Lookup
 from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.errors import ContextLengthError, LLMKitError
 from llmkit.reasoning import ThinkingTracker, tracker_for
 from llmkit.sampling import Sampler, SamplingParams, StopMatcher
 
 PREFILL_CHUNK = 512  # prompt tokens per step
-SPEC_TOKENS = 5  # tokens proposed at once by prompt lookup
 # Speculate only while this few requests decode: a step of many rows already reads each weight
 # once for all of them, and checking proposals adds rows that then cost compute.
 SPEC_MAX_ROWS = 4
-SPEC_MAX_WAIT = 64  # steps a request waits after a proposal was rejected outright, at most
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,16 @@ class Handle:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
         if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:  # a caller's callback must not take the engine (and everyone else) down
-                log.exception("on_event callback of request %d failed; cancelling the request", self.id)
-                self.cancelled = True
+            self._engine._outbox.append((self, event))  # called when the step ends (Engine._deliver)
         else:
             self._queue.put(event)
+
+    def _call(self, event: Event) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a caller's callback must not take the engine (and everyone else) down
+            log.exception("on_event callback of request %d failed; cancelling the request", self.id)
+            self.cancelled = True
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the engine's next step."""
@@ -145,9 +149,7 @@ class _Live:
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
-    lookup: "_Lookup | None" = None  # speculative decoding's n-gram index, made on first use
-    spec_wait: int = 0  # decode steps to go before proposing again
-    spec_backoff: int = 1  # the next wait after a proposal that was rejected outright
+    lookup: Lookup | None = None  # speculative decoding's proposer, made on first use
     thinking: ThinkingTracker | None = None  # with a thinking budget: the reasoning block so far
 
     @property
@@ -157,30 +159,6 @@ class _Live:
     @property
     def position(self) -> int:  # where the next token goes in the cache
         return len(self.request.prompt_ids) + len(self.generated) - 1
-
-
-class _Lookup:
-    """Prompt lookup (Saxena 2023; vLLM's and llama.cpp's n-gram speculation): the continuation
-    of the most recent earlier occurrence of the sequence's last n tokens, for n = 3, then 2."""
-
-    ORDERS = (3, 2)
-
-    def __init__(self) -> None:
-        self.tables: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.ORDERS}
-        self.indexed = 0  # n-grams ending before this index are in the tables
-
-    def propose(self, seq: list[int], k: int) -> list[int]:
-        end = len(seq) - 1  # the n-gram ending at the last token is looked up, not indexed yet
-        for n, table in self.tables.items():
-            for j in range(max(self.indexed, n - 1), end):
-                table[tuple(seq[j - n + 1 : j + 1])] = j + 1
-        self.indexed = max(self.indexed, end)
-        for n in self.ORDERS:
-            if len(seq) > n:
-                at = self.tables[n].get(tuple(seq[-n:]))
-                if at is not None:
-                    return seq[at : at + k]
-        return []
 
 
 class Engine:
@@ -213,6 +191,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stopped = False  # close(): the loop ends
+        self._outbox: list[tuple[Handle, Event]] = []  # emitted events whose callbacks are still due
         # counters for metrics
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -361,12 +340,22 @@ class Engine:
                     for live in list(self._waiting) + list(self._running):
                         live.handle.cancel()
                     self._drop_cancelled()
+                    self._deliver()
                     return
                 try:
                     self.step()
                 except Exception as exc:  # fail every admitted request, free their slots, keep serving
                     log.exception("engine step failed; failing the %d running requests", len(self._running))
                     self._fail_running(exc)
+                    self._deliver()
+
+    def _deliver(self) -> None:
+        """Call the callbacks of the events emitted since the last call, back to back, in order.
+        A step emits one event per running request; a caller that carries them to another thread
+        (the server's event loop) can then wake that thread once for all of them, not once each."""
+        out, self._outbox = self._outbox, []
+        for handle, event in out:
+            handle._call(event)
 
     def _fail_running(self, exc: BaseException) -> None:
         """Every admitted request ends with an error event; every slot goes back to the free list
@@ -387,13 +376,20 @@ class Engine:
             log.exception("resizing the cache after a failed step failed")
 
     def step(self) -> None:
+        """One iteration of the loop; the events it emitted reach their callbacks at its end."""
+        try:
+            self._step()
+        finally:
+            self._deliver()
+
+    def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
         decoding = [s for s in self._running if s.prefilled == len(s.request.prompt_ids)]
         chunks = self._prompt_chunks()
         if not chunks and not decoding:
             return
-        proposals = self._proposals(decoding)
+        proposals = self._proposals(decoding, bool(chunks))
         checked = {id(s) for s, _ in proposals}
         decoding = [s for s in decoding if id(s) not in checked]
         # a proposal is checked as decode rows of its own slot, one per position: each row is
@@ -419,27 +415,28 @@ class Engine:
         for i, (s, row) in enumerate(zip(decoding, dec_logits)):
             self._advance(s, row, tokens[i] if picks[i] else None)
 
-    def _proposals(self, decoding: list[_Live]) -> list[tuple[_Live, list[int]]]:
-        """Tokens proposed by prompt lookup for the requests that may speculate this step."""
+    def _proposals(self, decoding: list[_Live], prefilling: bool = False) -> list[tuple[_Live, list[int]]]:
+        """Tokens proposed by prompt lookup for the requests that may speculate this step. Beside a
+        prompt chunk, all the step's decode rows stay within ``max_batch`` (what an executor that
+        sizes its batch for a chunk plus one row per slot, llama.cpp's, has room for)."""
         out: list[tuple[_Live, list[int]]] = []
         if not self.speculative or len(decoding) > SPEC_MAX_ROWS:
             return out
+        room = self.max_batch - len(decoding) if prefilling else self.context_length
         for s in decoding:
             r = s.request
             if not r.speculative or r.params.logits_processors:
                 continue
             if s.thinking is not None and not s.thinking.closed:  # its end marker may have to be forced
                 continue
-            if s.spec_wait > 0:
-                s.spec_wait -= 1
-                continue
-            k = min(SPEC_TOKENS, r.params.max_tokens - len(s.generated) - 1, self.context_length - s.position - 2)
+            k = min(r.params.max_tokens - len(s.generated) - 1, self.context_length - s.position - 2, room)
             if k < 1:
                 continue
-            s.lookup = s.lookup or _Lookup()
+            s.lookup = s.lookup or Lookup()
             draft = s.lookup.propose(r.prompt_ids + s.generated, k)
             if draft:
                 out.append((s, draft))
+                room -= len(draft)
         return out
 
     def _advance_checked(self, live: _Live, rows: torch.Tensor, draft: list[int]) -> None:
@@ -449,20 +446,23 @@ class Engine:
         try:
             kept = 0
             prompt = live.request.prompt_ids
+            self.spec_proposed += len(draft)  # counted before the last token goes out, as the kept ones
+            # plain greedy (as step() picks it for decode rows): one argmax for all the rows
+            picks = rows.argmax(-1).tolist() if live.sampler.plain_greedy else None
             for i, row in enumerate(rows):
-                if i < len(draft):
+                if picks is not None:
+                    token, ok = picks[i], i < len(draft) and picks[i] == draft[i]
+                    live.sampler.accept(token)
+                elif i < len(draft):
                     token, ok = live.sampler.verify(row.float(), prompt, draft[i])
                 else:
                     token, ok = live.sampler.sample(row.float(), prompt), False
+                if ok:
+                    kept += 1
+                    self.spec_accepted += 1
                 if self._emit(live, token, row) or not ok:
                     break
-                kept += 1
-            self.spec_proposed += len(draft)
-            self.spec_accepted += kept
-            if kept:
-                live.spec_backoff = 1
-            else:  # wrong outright: wait before the next proposal, longer each time it happens
-                live.spec_wait, live.spec_backoff = live.spec_backoff, min(2 * live.spec_backoff, SPEC_MAX_WAIT)
+            live.lookup.checked(len(draft), kept)
         except Exception as exc:
             self._finish(live, Event(live.handle.id, None, "", "error", error=exc))
 
@@ -496,6 +496,7 @@ class Engine:
 
     def _admit(self) -> None:
         budget = getattr(self.executor, "token_budget", None)  # one cache pool shared by all slots
+        admitted = []
         with self._lock:
             while self._waiting and self._free_slots:
                 if budget is not None and self._running and \
@@ -504,7 +505,10 @@ class Engine:
                 live = self._waiting.popleft()
                 live.slot = self._free_slots.pop(0)
                 self._running.append(live)
+                admitted.append(live)
+            if admitted:  # the cache resized once for all of them, not once per request
                 self._fit()
+            for live in admitted:
                 if live.request.adapter is not None:
                     self.executor.use_adapter(live.slot, live.request.adapter)
                 self._reuse_prefix(live)

@@ -114,10 +114,9 @@ class Generation:
         if event.finish_reason is not None:
             self.finish[i] = event.finish_reason
 
-    async def _events(self, run: Run):
+    def _events(self, run: Run):
         self.handles = run.handles  # what the engine says of each choice: cached prompt tokens
-        async for i, event in run.events():
-            yield i, event
+        return run.events()
 
     def usage(self) -> dict:
         prompt = sum(self.prompt_lens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -15,6 +16,54 @@ from llmkit.errors import LLMKitError
 from llmkit.server import errors
 from llmkit.server.errors import APIError
 from llmkit.server.offload import ClientGone
+
+# How often (s) a whole-answer request asks whether its client is still there. A streamed one
+# need not ask: Starlette notices the disconnect itself and cancels it.
+POLL_INTERVAL = 0.25
+
+# One encoder for every chunk (json.dumps with options builds a new one per call)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+class Inbox:
+    """Engine events for every Run of one event loop, brought over in batches.
+
+    At the end of each step the engine calls back, on its own thread and back to back, one event
+    per running request. Waking the loop once per event (a write to its self-pipe, a pass of its
+    selector, a queued callback each) would cost a busy server thousands of wake-ups a second on
+    the cores the engine computes on. Here the first event schedules one drain; the events that
+    arrive before that drain runs ride along with it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: deque = deque()
+        self._scheduled = False
+
+    def deliver(self, run: "Run", i: int, event) -> None:
+        """On the engine thread: keep it tiny, and never raise there."""
+        self._pending.append((run, i, event, time.perf_counter()))
+        if not self._scheduled:  # appended before this test: a drain already due will see it
+            self._scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the event loop is closed (server stopped)
+                pass
+
+    def _drain(self) -> None:
+        self._scheduled = False  # cleared before popping: an event appended from now on schedules again
+        pending = self._pending
+        while pending:
+            run, i, event, at = pending.popleft()
+            run._arrive(i, event, at)
+
+
+def inbox_for(state) -> Inbox:
+    """The state's Inbox on the running loop (a new one if the server runs on a new loop)."""
+    loop = asyncio.get_running_loop()
+    inbox = state.inbox
+    if inbox is None or inbox.loop is not loop:
+        inbox = state.inbox = Inbox(loop)
+    return inbox
 
 
 class Run:
@@ -35,13 +84,15 @@ class Run:
         self.request = request
         self.poll_disconnect = poll_disconnect
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending: deque = deque()  # (choice, event, time it left the engine), in order
+        self._waiter: asyncio.Future | None = None
         self.prompt_lens = [len(job.prompt_ids) for job in jobs]
         self.handles = []
         self.last = [None] * len(jobs)
+        inbox = inbox_for(state)
         try:
             for i, job in enumerate(jobs):
-                self.handles.append(state.llm.submit(job, on_event=self._callback(i)))
+                self.handles.append(state.llm.submit(job, on_event=self._callback(inbox, i)))
         except LLMKitError as exc:
             self.cancel()
             from llmkit.engine import QueueFullError
@@ -50,43 +101,45 @@ class Run:
             raise
         state.runs.add(self)
 
-    def _callback(self, i: int):
-        loop, queue = self.loop, self.queue
+    def _callback(self, inbox: Inbox, i: int):
+        deliver = inbox.deliver
+        return lambda event: deliver(self, i, event)
 
-        def deliver(event) -> None:  # on the engine thread: keep it tiny, and never raise there
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (i, event, time.perf_counter()))
-            except RuntimeError:  # the event loop is closed (server stopped)
-                pass
+    def _arrive(self, i: int, event, at: float) -> None:  # on the loop, from Inbox
+        self.pending.append((i, event, at))
+        self._wake()
 
-        return deliver
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def cancel(self) -> None:
         for h in self.handles:
             if not h.done:
                 h.cancel()
 
+    def _tick(self) -> None:
+        """Wake ``events()`` to look at the time limit and, for a whole answer, the client."""
+        self._wake()
+        self._timer = self.loop.call_later(self._period(), self._tick)
+
+    def _period(self) -> float:
+        left = self.deadline - time.perf_counter()
+        if left <= 0:  # past it: events() raises when it next waits; until then a slow tick
+            return POLL_INTERVAL
+        return min(left, POLL_INTERVAL) if self.poll_disconnect else left
+
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         remaining = len(self.handles)
-        checked = time.perf_counter()
+        self._checked = time.perf_counter()
+        self._timer = self.loop.call_later(self._period(), self._tick)
         try:
             while remaining:
-                now = time.perf_counter()
-                left = self.deadline - now
-                if left <= 0:
-                    raise APIError(504, f"The request took longer than the server's time limit of "
-                                        f"{self.timeout:g} s; ask for fewer tokens, or retry when the server is "
-                                        "less busy.", code="timeout")
-                # A streamed response notices a disconnect itself (Starlette cancels this task); a
-                # whole-answer one asks now and then, so that a client gone away frees its slots.
-                if self.poll_disconnect and now - checked > 0.25:
-                    checked = now
-                    if await self.request.is_disconnected():
-                        raise ClientGone()
-                try:
-                    i, event, at = await asyncio.wait_for(self.queue.get(), timeout=min(left, 0.25))
-                except asyncio.TimeoutError:
+                if not self.pending:
+                    await self._idle()
                     continue
+                i, event, at = self.pending.popleft()
                 self._observe(i, event, at)
                 if event.finish_reason is not None:
                     remaining -= 1
@@ -95,12 +148,34 @@ class Run:
                                    code="internal_error")
                 yield i, event
         finally:
+            self._timer.cancel()
             for h in self.handles:
                 if not h.done:  # abandoned: the client left, the time limit passed, or an error
                     h.cancel()
                     self.metrics.finished("cancelled")
                     self.metrics.e2e.observe(time.perf_counter() - self.arrival)
             self.state.runs.discard(self)
+
+    async def _idle(self) -> None:
+        """Nothing to hand on: check the time limit and the client, then wait for an event or a tick."""
+        if time.perf_counter() >= self.deadline:
+            raise APIError(504, f"The request took longer than the server's time limit of "
+                                f"{self.timeout:g} s; ask for fewer tokens, or retry when the server is "
+                                "less busy.", code="timeout")
+        # A streamed response notices a disconnect itself (Starlette cancels this task); a
+        # whole-answer one asks now and then, so that a client gone away frees its slots.
+        now = time.perf_counter()
+        if self.poll_disconnect and now - self._checked >= POLL_INTERVAL:
+            self._checked = now
+            if await self.request.is_disconnected():
+                raise ClientGone()
+        if self.pending:
+            return
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def _observe(self, i: int, event, at: float) -> None:
         m = self.metrics
@@ -124,7 +199,7 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+                yield b"data: " + _ENCODER.encode(chunk).encode() + b"\n\n"
         except APIError as exc:  # the response has started: the error goes into the stream
             yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
         except LLMKitError as exc:

@@ -39,6 +39,7 @@ class ServerState:
     offload: Offload = field(init=False)
     responses: ResponseStore = field(init=False)  # answers of POST /v1/responses kept for later turns
     runs: set = field(default_factory=set)  # this server's requests in the engine (see running.Run)
+    inbox: Any = None  # running.Inbox: engine events on their way into this server's event loop
     _pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
@@ -53,9 +54,9 @@ class ServerState:
     def attach(self, llm) -> None:
         """Serve this loaded model: its engine, with the server's batch and queue bounds."""
         llm.set_limits(max_batch=self.config.max_batch, max_queue=self.config.max_queue)
-        if getattr(llm, "executor_name", "torch") != "torch":
-            log.info("embeddings and echo with logprobs run llmkit's own torch model beside %s: it is read "
-                     "(in float32) on the first such request", llm.executor_name)
+        if getattr(llm, "executor_name", "torch") == "llama.cpp":
+            log.info("embeddings run llmkit's own torch model beside llama.cpp: it is read (in float32) on "
+                     "the first such request")
         self.llm = llm
 
     def need_model(self):
