@@ -7,9 +7,10 @@ threshold each time a large mapped block is freed, so that later large tensors a
 those arenas instead of being mapped; freed space in the middle of an arena stays resident. Two
 remedies, both through the allocator's own controls:
 
-- ``tune_allocator``: a fixed mmap threshold (large blocks are mapped and go back to the system
-  when freed; a fixed value also stops glibc from raising it) and a bound on the number of
-  arenas. Settings the user made through glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``,
+- ``tune_allocator``: a bound on the number of arenas, and the mmap threshold fixed at glibc's
+  own ceiling (blocks past it, the largest tensors, are mapped and go back to the system when
+  freed). A low threshold returns more memory but maps and faults in every mid-sized tensor of
+  every step anew: the server then ran markedly slower (bench/NOTES.md). Settings the user made through glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``,
   ``MALLOC_ARENA_MAX``) are left as they are.
 - ``IdleTrim``: ``malloc_trim(0)`` (free pages of every arena back to the system) once the engine
   has gone idle after work, and at most once a minute while it stays busy.
@@ -33,7 +34,7 @@ log = logging.getLogger("llmkit.server")
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
-MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept fixed
+MMAP_THRESHOLD = 32 * 1024 * 1024  # the highest value glibc's dynamic threshold reaches on 64-bit
 TRIM_EVERY_S = 2.0  # how often the engine is looked at
 BUSY_TRIM_S = 60.0  # while it never goes idle, trim this often
 
