@@ -168,3 +168,30 @@ def test_greedy_text_is_the_same_on_the_native_decode_step(tiny_model_dir):
         want = plain.generate_ids(ids, max_tokens=n, temperature=0, ignore_eos=True)
         assert spec.generate_ids(ids, max_tokens=n, temperature=0, ignore_eos=True) == want
     assert spec.engine.spec_accepted > 0
+
+
+def test_beside_a_prompt_chunk_the_rows_stay_within_the_batch(tiny_model_dir):
+    """An executor sized for one chunk plus a row per slot (llama.cpp's) has room for no more: a
+    request that speculates while another's prompt is prefilled proposes within that room."""
+    llm = llmkit.load(tiny_model_dir("llama"), max_batch=2, speculative=True, prefix_cache=False)
+    llm.engine.prefill_chunk = 8  # the second prompt takes several steps
+    passes = []
+    forward = llm.engine.executor.forward
+
+    def recording(chunks, decodes):
+        passes.append((len(chunks), len(decodes)))
+        return forward(chunks, decodes)
+
+    llm.engine.executor.forward = recording
+    copying = llm.tokenizer.encode(COPYING[0])
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    first = llm.submit(llm.requests([copying], params)[0])
+    for _ in zip(range(12), first.events()):  # decoding, and proposing, before the second arrives
+        pass
+    second = llm.submit(llm.requests([llm.tokenizer.encode(COPYING[2] * 2)], params)[0])
+    for handle in (first, second):
+        for _ in handle.events():
+            pass
+    beside = [rows for chunks, rows in passes if chunks]
+    assert len(beside) >= 3 and max(beside) <= 2
+    assert max(rows for _, rows in passes) > 2  # alone, it proposed more than the room beside a chunk
