@@ -285,16 +285,18 @@ class _FailingOnStep:
     """The real torch executor, made to raise on its n-th forward pass (a cache that cannot grow,
     llama_decode out of cells): what the engine must survive."""
 
-    def __init__(self, inner, fail_on: int):
+    def __init__(self, inner, fail_on: int, slots: int = 0):
         self.inner, self.fail_on, self.calls, self.released = inner, fail_on, 0, []
+        self.slots = slots  # count only the passes with rows of this many slots (all the requests)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def forward(self, chunks, decodes):
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise RuntimeError("the step failed")
+        if len({c[0] for c in chunks} | {d[0] for d in decodes}) >= self.slots:
+            self.calls += 1
+            if self.calls == self.fail_on:
+                raise RuntimeError("the step failed")
         return self.inner.forward(chunks, decodes)
 
     def release(self, slot):
@@ -305,7 +307,8 @@ class _FailingOnStep:
 def test_a_failed_step_fails_every_running_request_and_frees_every_slot(tiny):
     from llmkit.engine.executor import TorchExecutor
 
-    executor = _FailingOnStep(TorchExecutor(tiny.model, 4, tiny.context_length), fail_on=3)
+    # the third pass with all three requests in it fails, however their submissions meet the steps
+    executor = _FailingOnStep(TorchExecutor(tiny.model, 4, tiny.context_length), fail_on=3, slots=3)
     engine = Engine(executor, tiny.tokenizer, tiny.context_length, max_batch=4)
     handles = [engine.submit(Request(p, greedy(20))) for p in prompts(tiny)[:3]]
     for h in handles:  # each request ends (none hangs), with the step's error

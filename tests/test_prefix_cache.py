@@ -104,3 +104,25 @@ def test_without_the_cache_nothing_is_reused(pair):
     assert plain.engine.prefix_cache is None
     ids = plain.tokenizer.encode(SYSTEM + "again")
     assert run(plain, ids)[0].cached_tokens == 0 and run(plain, ids)[0].cached_tokens == 0
+
+
+def test_blocks_live_in_one_slab_whose_places_are_reused():
+    """The cache's memory is one slab as large as its bound: evicted blocks' places hold the next
+    ones, and each block keeps the keys and values it was given."""
+    block_bytes = 2 * 2 * 1 * 4 * 4 * 4  # keys and values, (layers 2, Hk 1, block 4, D 4), float32
+    cache = PrefixCache(3 * block_bytes + block_bytes // 2, block=4)
+    kv = {}
+    for i in range(5):
+        tokens = [100 * i + j for j in range(4)]
+        kv[i] = torch.full((2, 1, 4, 4), float(i))
+        cache.insert(tokens, lambda a, b, i=i: (kv[i][:, :, a:b], -kv[i][:, :, a:b]))
+        if i == 0:
+            slab = cache._slab.k
+        assert cache._slab.k is slab and slab.shape[0] == 3  # the same three places throughout
+        assert len(cache) == min(i + 1, 3) and cache.bytes <= cache.budget
+    assert cache.match([0, 1, 2, 3], 4) == [] and cache.match([100, 101, 102, 103], 4) == []  # evicted
+    for i in (2, 3, 4):
+        (entry,) = cache.match([100 * i + j for j in range(4)], 4)
+        assert torch.equal(entry.k, kv[i]) and torch.equal(entry.v, -kv[i])
+    cache.clear()
+    assert cache._slab is None and len(cache) == 0 and cache.bytes == 0

@@ -7,6 +7,11 @@ entry holds that block's keys and values for every layer. A new request copies t
 of cached blocks into its own cache slot and prefills only the rest. Entries are copies: evicting
 one never touches a running request. The least recently used entries go first once the cache
 holds more than ``budget_bytes``.
+
+Entries live in one slab allocated at the first insert, as many blocks as the bound holds (pages
+become resident as blocks are written): an evicted block's place is taken by the next, so the
+cache's memory neither grows past its bound nor scatters long-lived blocks among the short-lived
+tensors of each step on the heap.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ BLOCK = 32  # tokens per block: small enough that a conversation's new turn lose
 class _Entry:
     tokens: tuple[int, ...]  # the block's own tokens, checked on a hit (hashes can collide)
     parent: int | None
-    k: torch.Tensor  # (layers, Hk, block, D)
+    place: int  # its index in the slab
+    k: torch.Tensor  # (layers, Hk, block, D): a view of the slab
     v: torch.Tensor
 
     @property
@@ -33,11 +39,22 @@ class _Entry:
         return self.k.numel() * self.k.element_size() * 2
 
 
+class _Slab:
+    """Room for ``count`` blocks shaped like ``like`` (layers, Hk, block, D), keys and values."""
+
+    def __init__(self, like: torch.Tensor, count: int):
+        self.k = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
+        self.v = torch.empty_like(self.k)
+        self.free = list(range(count - 1, -1, -1))  # places not in use; the lowest is taken first
+        self.block_bytes = 2 * like.numel() * like.element_size()
+
+
 class PrefixCache:
     def __init__(self, budget_bytes: int, block: int = BLOCK):
         self.budget = budget_bytes
         self.block = block
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._slab: _Slab | None = None
         self._lock = threading.Lock()  # the engine thread writes; metrics read from others
         self.bytes = 0
         self.queries = 0  # prompts looked up
@@ -86,27 +103,40 @@ class PrefixCache:
         first = missing[0][0] * self.block
         k_all, v_all = read(first, len(keys) * self.block)
         with self._lock:
+            slab = self._slab_for(k_all[:, :, : self.block])
+            if slab is None:
+                return
             for i, key, parent, chunk in missing:
                 at = i * self.block - first
-                entry = _Entry(chunk, parent, k_all[:, :, at : at + self.block].clone(),
-                               v_all[:, :, at : at + self.block].clone())
-                if entry.nbytes > self.budget:
-                    return
-                old = self._entries.pop(key, None)
-                if old is not None:
-                    self.bytes -= old.nbytes
-                self._entries[key] = entry
-                self.bytes += entry.nbytes
+                if key in self._entries:  # kept meanwhile: nothing to add
+                    continue
+                if not slab.free:  # full: the least recently used block makes room
+                    _, evicted = self._entries.popitem(last=False)
+                    slab.free.append(evicted.place)
+                place = slab.free.pop()
+                k, v = slab.k[place], slab.v[place]
+                k.copy_(k_all[:, :, at : at + self.block])
+                v.copy_(v_all[:, :, at : at + self.block])
+                self._entries[key] = _Entry(chunk, parent, place, k, v)
             for key, _, _ in reversed(keys):
                 if key in self._entries:
                     self._entries.move_to_end(key)
-            while self.bytes > self.budget and self._entries:
-                _, evicted = self._entries.popitem(last=False)
-                self.bytes -= evicted.nbytes
+            self.bytes = len(self._entries) * slab.block_bytes
+
+    def _slab_for(self, like: torch.Tensor) -> _Slab | None:
+        """The slab, made at the first insert as large as the bound allows (None: not one block)."""
+        if self._slab is None:
+            count = self.budget // (2 * like.numel() * like.element_size())
+            if count < 1:
+                return None
+            self._slab = _Slab(like, count)
+        return self._slab
 
     def clear(self) -> None:
+        """Forget every block and give the slab's memory back."""
         with self._lock:
             self._entries.clear()
+            self._slab = None
             self.bytes = 0
 
     def __len__(self) -> int:
