@@ -66,6 +66,21 @@ def test_long_prompts_are_prefilled_in_chunks(tiny):
     assert h.tokens == alone(tiny, p, greedy(12))
 
 
+def _hold(engine, prompt):
+    """Submit ``prompt`` and keep the engine inside its step until the returned event is set:
+    requests submitted meanwhile all wait for the next step."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(generated, logits):
+        busy.set()
+        release.wait(30)
+        return logits
+
+    first = engine.submit(Request(prompt, greedy(2, logits_processors=[hold])))
+    assert busy.wait(30)
+    return first, release
+
+
 @pytest.mark.parametrize("per_step", [None, 1])
 def test_prompts_share_a_step_up_to_the_chunk_budget(tiny, per_step):
     engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=5, prefill_chunk=12)
@@ -80,15 +95,7 @@ def test_prompts_share_a_step_up_to_the_chunk_budget(tiny, per_step):
     engine.executor.forward = recording
     if per_step:
         engine.executor.prompts_per_step = per_step
-    busy, release = threading.Event(), threading.Event()
-
-    def hold(generated, logits):  # the engine waits here while the others are submitted
-        busy.set()
-        release.wait(30)
-        return logits
-
-    first = engine.submit(Request(ids[0], greedy(2, logits_processors=[hold])))
-    assert busy.wait(30)
+    first, release = _hold(engine, ids[0])
     handles = [engine.submit(Request(p, greedy(6))) for p in ids]
     release.set()
     list(first.events())
@@ -364,15 +371,8 @@ def test_the_events_of_a_step_reach_their_callbacks_together_after_it(tiny):
     # once per step: every request's event of a step has been emitted before the first callback.
     engine = Engine(tiny.model, tiny.tokenizer, tiny.context_length, max_batch=5, speculative=False)
     ids = prompts(tiny)
-    busy, release, finished = threading.Event(), threading.Event(), threading.Event()
-
-    def hold(generated, logits):  # the engine waits here while the others are submitted
-        busy.set()
-        release.wait(30)
-        return logits
-
-    first = engine.submit(Request(ids[0], greedy(2, logits_processors=[hold])))
-    assert busy.wait(30)
+    first, release = _hold(engine, ids[0])
+    finished = threading.Event()
     handles, seen, got = [], [], {}
 
     def record(event):
