@@ -461,7 +461,7 @@ def _add_prefix_space(tokenizer) -> bool:
 # ------------------------------------------------------------------------------------------- grammars
 
 # Bytes of built grammars that a compiler keeps, in llmkit's cache and in xgrammar's own.
-CACHE_BYTES = 64 << 20
+CACHE_BYTES = 16 << 20
 
 
 class _Compiler:

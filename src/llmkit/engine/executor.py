@@ -8,6 +8,7 @@ llama.cpp. Both give the engine the same calls (``Executor``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Protocol
 
@@ -326,13 +327,16 @@ class TorchExecutor:
         prompt costs the running ones little. Returns each chunk's last logits [V] and the decode
         logits [B, V].
 
-        With a DecodeStep, the decode rows always go through it (LoRA rows included), and prompt
-        chunks through the modules: a row's arithmetic then never depends on what else shares its
-        pass, so batched and lone outputs agree. On CUDA, decode rows without an adapter replay a
-        captured graph (engine.cuda_graphs) beside the chunks' pass."""
-        if self.step is not None and decodes and self.cache.k.dtype == torch.float32:
-            chunk_logits = self._modules(chunks, [])[0] if chunks else []
-            return chunk_logits, self._step(decodes)
+        With a DecodeStep, every row goes through it in one call (a prompt chunk is rows of one
+        slot at consecutive positions), except chunks of slots on a LoRA adapter, which take the
+        modules' batched products beside it. A row's arithmetic in the step never depends on what
+        else shares its pass, so batched and lone outputs agree. On CUDA, decode rows without an
+        adapter replay a captured graph (engine.cuda_graphs) beside the chunks' pass."""
+        if self.step is not None and (decodes or chunks) and self.cache.k.dtype == torch.float32:
+            if any(self.slot_adapters.get(slot) is not None for slot, _, _ in chunks):
+                chunk_logits, none = self._modules(chunks, [])
+                return chunk_logits, (self._step([], decodes)[1] if decodes else none)
+            return self._step(chunks, decodes)
         if self.graphs is not None and decodes and not self.slot_adapters:
             logits = self._graphed(decodes)
             if logits is not None:
@@ -362,14 +366,22 @@ class TorchExecutor:
         out = self.model.forward_many(batches, cache=self.cache, last_only=True, ops=self.ops)
         return [o[0, -1] for o in out[: len(chunks)]], (out[-1][:, -1] if decodes else out[:0])
 
-    def _step(self, decodes: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Decode rows through DecodeStep: the embedding, every layer in one call, the head."""
-        slots, tokens, positions = zip(*decodes)
+    def _step(self, chunks, decodes) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Chunks' and decode rows through DecodeStep: the embedding, every layer in one call, the
+        head on each chunk's last row and on the decode rows."""
+        rows = [(slot, token, start + i) for slot, ids, start in chunks for i, token in enumerate(ids)]
+        rows += [(slot, token, position) for slot, token, position in decodes]
+        slots, tokens, positions = zip(*rows)
         self.ops.row_groups = []
         model = self.model
         adapters = [self.slot_adapters.get(slot) for slot in slots] if self.slot_adapters else None
         x = self.step(self.ops.embed(model.embed, torch.tensor(tokens)), slots, positions, self.cache, adapters)
-        return self.ops.linear((model.lm_head,), self.ops.norm(model.norm, x))[0].float()
+        ends = list(itertools.accumulate(len(ids) for _, ids, _ in chunks))
+        keep = [end - 1 for end in ends] + list(range(len(rows) - len(decodes), len(rows)))
+        if len(keep) < len(rows):
+            x = x[keep]
+        logits = self.ops.linear((model.lm_head,), self.ops.norm(model.norm, x))[0].float()
+        return list(logits[: len(chunks)]), logits[len(chunks):]
 
     def _row_groups(self, chunks, decodes) -> list[tuple[str, torch.Tensor]]:
         """The pass's rows (chunks' tokens, then decode rows, in order) grouped by adapter."""

@@ -1,17 +1,19 @@
-"""A decode step in one native call, for Llama-family models on block-format weights.
+"""A pass in one native call, for Llama-family models on block-format weights.
 
 At one token per sequence the matrix products of a small model take less time than the Python
 dispatch of the twenty-odd small operations around them in every layer (norms, rotary embedding,
-cache writes, residual adds). ``DecodeStep`` runs every layer of a pass made only of decode rows
-in one call into ``step.c`` (which reuses llmkit.cpu_attention's kernel and llmkit.engine.quant's
-matrix product): the same operations in the same order as llmkit.model, without the dispatch.
+cache writes, residual adds). ``DecodeStep`` runs every layer of a pass in one call into
+``step.c`` (with llmkit.engine.quant's matrix product): the same operations in the same order as
+llmkit.model, without the dispatch. A prompt chunk is rows of one slot at consecutive positions,
+so chunks and decode rows share one call, and the weights are read once for all of them; rows of
+one slot attend together, walking its keys and values once (prompt chunks, speculative checks).
 
 It covers what most local models are: RMS norms, rotary positions (default, linear or Llama 3
 scaling), SwiGLU MLPs, grouped-query attention with or without per-head q/k norms and one sliding
 window for all layers, float32 activations and cache, every matrix in a block format (q/k/v and
-gate/up stacked or apart) and no biases. ``DecodeStep.build`` returns None for anything else, and for passes it cannot
-take (prompt chunks) the executor keeps the module path. Rows on LoRA adapters get their
-low-rank updates inside the step too.
+gate/up stacked or apart) and no biases. ``DecodeStep.build`` returns None for anything else, and
+the executor keeps the module path for those models (and for prompt chunks on a LoRA adapter).
+Decode rows on LoRA adapters get their low-rank updates inside the step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from llmkit import cpu_attention
 from llmkit.engine import native
 from llmkit.model import RMSNorm, rope_kind
 
@@ -57,16 +58,14 @@ _lock = threading.Lock()
 def _library():
     with _lock:
         if not _lib:
-            # the attention kernel's source first (step.c calls it), with its flags: glibc's
-            # vector expf needs -ffast-math
-            source = ("#include <stdlib.h>\n#include <string.h>\n" + cpu_attention._SOURCE
-                      + Path(__file__).with_name("step.c").read_text())
+            # -ffast-math: glibc's vector expf (libmvec) is declared only with it
+            source = Path(__file__).with_name("step.c").read_text()
             _lib.append(native.load("decode-step", source, ("-march=native", "-ffast-math"), _FUNCTIONS))
     return _lib[0]
 
 
 class DecodeStep:
-    """Every layer of a decode-only pass in one call: hidden states in, hidden states out."""
+    """Every layer of a pass in one call: hidden states in, hidden states out."""
 
     def __init__(self, model, ops, lib):
         c = model.config
@@ -185,8 +184,6 @@ def unsupported(model, ops) -> str:
     c = getattr(model, "config", None)
     if c is None or not hasattr(ops, "fused"):
         return "not a llmkit model on block-format weights"
-    if not cpu_attention.available():
-        return "the attention kernel could not be built"
     checks = [
         (c.norm == "rmsnorm" and all(type(b.attn_norm) is RMSNorm and type(b.mlp_norm) is RMSNorm for b in model.layers),
          "norms other than RMSNorm"),
