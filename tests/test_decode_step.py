@@ -58,6 +58,47 @@ def test_rows_of_one_slot_at_consecutive_positions(tiny_model_dir):
     _close(got, want)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_a_prompt_chunk_equals_its_tokens_fed_one_at_a_time(tiny_model_dir, arch):
+    """A chunk is rows of one slot at consecutive positions that attend together: its last
+    logits and the keys and values it writes are the very same as from one row per pass (the
+    window of Mistral's tiny model, 8, is shorter than the prompt)."""
+    llm = llmkit.load(tiny_model_dir(arch), quantize="q8_0")
+    executor = llm.engine.executor
+    ids = [(7 * i + 3) % 200 + 5 for i in range(27)]
+    with torch.inference_mode():
+        executor.fit(64, 2)
+        chunk = executor.forward([(0, ids, 0)], [])[0][0]
+        for i, token in enumerate(ids):
+            alone = executor.forward([], [(1, token, i)])[1][0]
+    assert torch.equal(chunk, alone)
+    n = len(ids)
+    assert torch.equal(executor.cache.k[:, 0, :, :n], executor.cache.k[:, 1, :, :n])
+    assert torch.equal(executor.cache.v[:, 0, :, :n], executor.cache.v[:, 1, :, :n])
+
+
+def test_prompt_chunks_and_decode_rows_in_one_pass(tiny_model_dir):
+    """Two prompts' chunks and two decode rows share a pass: each output as from a pass of its
+    own, and the chunks' logits as the module path gives them."""
+    llm = llmkit.load(tiny_model_dir("llama"), quantize="q4_0")
+    executor = llm.engine.executor
+    a, b = list(range(10, 30)), list(range(40, 49))
+    with torch.inference_mode():
+        executor.fit(64, 4)
+        executor.forward([(2, list(range(60, 72)), 0), (3, list(range(80, 85)), 0)], [])
+        chunks, decodes = executor.forward([(0, a, 0), (1, b, 0)], [(2, 5, 12), (3, 6, 5)])
+        alone_a = executor.forward([(0, a, 0)], [])[0][0]
+        alone_b = executor.forward([(1, b, 0)], [])[0][0]
+        alone_d = executor.forward([], [(2, 5, 12), (3, 6, 5)])[1]
+        fused = executor.step
+        executor.step = None
+        modules = executor.forward([(0, a, 0)], [])[0][0]
+        executor.step = fused
+    assert torch.equal(chunks[0], alone_a) and torch.equal(chunks[1], alone_b)
+    assert torch.equal(decodes, alone_d)
+    _close(chunks[0][None], modules[None])
+
+
 def test_generation_runs_on_the_step_and_equals_the_module_path(tiny_model_dir):
     llm = llmkit.load(tiny_model_dir("llama"), quantize="q8_0")
     assert llm.engine.executor.step is not None
