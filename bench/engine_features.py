@@ -8,9 +8,10 @@ Workloads (the default model, its default configuration, greedy decoding):
   median time to first token of turns 2-8, with and without the prefix cache.
 - shared system prompt: 16 clients, one 200-token system prompt, short questions; requests per
   minute with and without the prefix cache.
-- extractive work (prompt lookup): extract fields to JSON from a 400-token document, answer with a
+- extractive work (prompt lookup): extract fields to JSON from a 300-token report, answer with a
   quoted span, summarize by selection, a code edit that returns the file; one stream, tokens/s
-  with and without speculation, and whether the text is identical. Free-form generation too (the
+  with and without speculation over each answer (up to the model's end of message, at most 256
+  tokens: what a user waits for), and whether the text is identical. Free-form generation too (the
   cost of speculating where little repeats). With each, what the proposer did (deterministic under
   greedy decoding): passes, tokens proposed and kept, tokens per checking pass.
 - row cost (``--only rowcost``): a decode pass of k rows of one sequence (how proposals are checked)
@@ -38,6 +39,29 @@ from llmkit.sampling import SamplingParams
 
 WORDS = ("river mountain signal copper lantern harbor orchard meadow canyon ember falcon granite "
          "quartz thistle willow glacier beacon cobalt delta fjord").split()
+
+
+# A plain report for the extractive tasks: sentences a small model can read and copy, one of them
+# (and only one) about the ferry. How much a task gains depends on how much of its answer the model
+# copies: SmolLM2-135M quotes the ferry sentence word for word, and copies more when asked to
+# summarize "by copying" than "by selecting" (which it paraphrases).
+REPORT = (
+    "The harbor board of Westmere met on Tuesday evening to review the spring season. "
+    "Fishing boats landed more cod than in any April of the past ten years. "
+    "The ice plant on the north pier was repaired in March and now runs through the night. "
+    "Two new moorings were added near the ferry ramp, and both were rented within a week. "
+    "The old customs house will open as a small museum of the town's whaling history in June. "
+    "A pair of peregrine falcons has nested on the lighthouse gallery, so the stairs will stay closed until the chicks fly. "
+    "Volunteers counted forty-one seals on the outer rocks during the low tide survey. "
+    "Repairs to the breakwater will cost about twice the amount that was set aside last autumn. "
+    "The board asked the town council for a loan to cover the difference before the winter storms. "
+    "A ferry to the island will run twice a day from May to September, weather permitting. "
+    "Parking on the quay will be limited to two hours while the new fish market is built. "
+    "The harbor master reminded every skipper to log departures on the board by the office door. "
+    "Night fishing inside the breakwater stays forbidden after a near collision in February. "
+    "The school will bring three classes to see the museum and the lighthouse in the autumn. "
+    "The board will meet again on the first Tuesday of July, in the hall above the bakery."
+)
 
 
 def _document(n_words: int, seed: int) -> str:
@@ -106,13 +130,13 @@ def shared_system(llm, clients: int = 16, requests_each: int = 2) -> float:
 
 
 def extractive_prompts(tok) -> dict[str, list[int]]:
-    doc = _document(300, 3)
+    doc = REPORT
     code = "\n".join(f"def step_{i}(x):\n    y = x * {i} + {i * 3}\n    return y - {i}\n" for i in range(12))
     chats = {
         "extract": f"Document:\n{doc}\n\nCopy the first three sentences of the document exactly, as JSON: "
                    '{"sentences": [...]}',
-        "quote": f"Document:\n{doc}\n\nQuote the sentence that contains the word 'falcon', exactly as written.",
-        "select": f"Document:\n{doc}\n\nSummarize by selecting the two most important sentences, copied verbatim.",
+        "quote": f"Document:\n{doc}\n\nQuote the sentence that mentions the ferry, exactly as written.",
+        "select": f"{doc}\n\nSummarize the report above by copying its two most important sentences exactly.",
         "code": f"Here is a file:\n```python\n{code}```\nRename step_3 to triple_step and return the whole file.",
         "free": "Write a short story about a lighthouse keeper who finds a strange map.",
     }
@@ -120,8 +144,13 @@ def extractive_prompts(tok) -> dict[str, list[int]]:
             for k, v in chats.items()}
 
 
-def one_stream(llm, ids, speculative: bool, n: int = 128) -> tuple[float, list[int]]:
-    (request,) = llm.requests([ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+ANSWER_TOKENS = 256  # at most, per answer in the prompt-lookup workloads
+
+
+def one_stream(llm, ids, speculative: bool, n: int = ANSWER_TOKENS) -> tuple[float, list[int]]:
+    """Tokens/s after the first token of one greedy answer, which ends where the model ends it (or
+    after ``n`` tokens), and the answer's tokens."""
+    (request,) = llm.requests([ids], SamplingParams(max_tokens=n, temperature=0),
                               speculative=speculative)
     handle = llm.submit(request)
     first = None
@@ -131,7 +160,7 @@ def one_stream(llm, ids, speculative: bool, n: int = 128) -> tuple[float, list[i
     return (len(handle.tokens) - 1) / (time.perf_counter() - first), handle.tokens
 
 
-def lookup_counts(llm, ids, n: int = 128) -> dict:
+def lookup_counts(llm, ids, n: int = ANSWER_TOKENS) -> dict:
     """One speculative run's decode passes and proposals (greedy: the same every run), counted
     from the passes themselves: each pass yields its kept tokens and one of the model's own."""
     engine, passes = llm.engine, []
@@ -251,10 +280,10 @@ def main(argv=None) -> dict:
             for _ in range(args.repeats):
                 plain_rate, plain_tokens = one_stream(off, ids, False)
                 spec_rate, spec_tokens = one_stream(off, ids, True)
-                pairs.append((plain_rate, spec_rate, plain_tokens == spec_tokens))
+                pairs.append((plain_rate, spec_rate, plain_tokens == spec_tokens, plain_tokens))
             look[name] = {"plain_tok_s": statistics.median(p[0] for p in pairs),
                           "speculative_tok_s": statistics.median(p[1] for p in pairs),
-                          "identical": all(p[2] for p in pairs)}
+                          "identical": all(p[2] for p in pairs), "answer_tokens": len(pairs[0][3])}
             look[name]["ratio"] = look[name]["speculative_tok_s"] / look[name]["plain_tok_s"]
             look[name]["proposer"] = lookup_counts(off, ids)
             print("lookup", name, look[name], flush=True)

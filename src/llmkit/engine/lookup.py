@@ -22,7 +22,7 @@ from collections.abc import Sequence
 MAX_TOKENS = 16  # tokens proposed at once, at most
 # What each proposed token adds to a pass, as a share of a one-row pass: the executors' checking
 # passes, measured with ``python bench/engine_features.py --only rowcost``.
-ROW_COST = 0.35
+ROW_COST = 0.15
 CANDIDATES = 16  # the most recent earlier places of the last two tokens that are compared
 LONGEST = 24  # a match longer than this counts as this long
 RATE_STEP = 0.15  # the running rate's weight on each new outcome
