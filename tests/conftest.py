@@ -108,6 +108,8 @@ def _tiny_hf_config(arch: str):
         return tf.Qwen2Config(**llama_like, tie_word_embeddings=True)
     if arch == "qwen3":  # head_dim 128 (not hidden / heads): what transformers assumes reading a GGUF
         return tf.Qwen3Config(**llama_like, head_dim=128)
+    if arch == "qwen3-hd12":  # 8 heads of 12: a head size that is not a multiple of 8
+        return tf.Qwen3Config(**{**llama_like, "num_attention_heads": 8}, head_dim=12)
     if arch == "qwen3-odd":  # sliding window on the layers from 1 on, tied head, head_dim 24
         return tf.Qwen3Config(**{**llama_like, "num_hidden_layers": 3}, head_dim=24, use_sliding_window=True,
                               sliding_window=6, max_window_layers=1, tie_word_embeddings=True)

@@ -33,7 +33,7 @@ def _close(got, want):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "qwen3-hd12", "phi3"])
 def test_decode_rows_equal_the_module_path(tiny_model_dir, arch):
     """Several sequences at different lengths; Mistral's sliding window (8) shorter than the
     longest; Qwen3's per-head q/k norms and its head_dim unlike hidden / heads."""
@@ -58,13 +58,15 @@ def test_rows_of_one_slot_at_consecutive_positions(tiny_model_dir):
     _close(got, want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "qwen3-hd12"])
 def test_a_prompt_chunk_equals_its_tokens_fed_one_at_a_time(tiny_model_dir, arch):
     """A chunk is rows of one slot at consecutive positions that attend together: its last
     logits and the keys and values it writes are the very same as from one row per pass (the
-    window of Mistral's tiny model, 8, is shorter than the prompt)."""
+    window of Mistral's tiny model, 8, is shorter than the prompt; heads of 12 take the kernel's
+    path for any head size)."""
     llm = llmkit.load(tiny_model_dir(arch), quantize="q8_0")
     executor = llm.engine.executor
+    assert executor.step is not None
     ids = [(7 * i + 3) % 200 + 5 for i in range(27)]
     with torch.inference_mode():
         executor.fit(64, 2)
