@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import mmap
 import threading
 from pathlib import Path
 
@@ -55,29 +54,6 @@ FALLBACK = {12: 6}
 # use its matmul (bench/quant_kernels.py measures both paths).
 PREFILL_ROWS = 128
 _TILE_BYTES = 32 << 20  # the dequantized tile's size bound in the prefill path
-
-# Packed weights of at least this many bytes are asked to live on transparent huge pages (Linux):
-# one product streams through all of them, and with 4 KiB pages every 4 KiB read costs a
-# translation that the cache of them (the TLB) cannot hold for a matrix this size.
-_HUGE_PAGE_BYTES = 4 << 20
-
-
-def _packed_buffer(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` for packed weights, untouched yet. A large one is a fresh
-    anonymous mapping marked for huge pages before anything is written to it, so that the system
-    backs it with them as it is filled (where it allows that: "madvise" or "always" in
-    /sys/kernel/mm/transparent_hugepage/enabled; elsewhere the advice changes nothing)."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if nbytes < _HUGE_PAGE_BYTES or advice is None:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(advice)
-    except OSError:
-        pass  # a kernel without transparent huge pages: plain pages
-    # the tensor holds the array, which holds the mapping: it lives as long as the tensor
-    return torch.from_numpy(np.frombuffer(region, dtype=np.uint8))
-
 
 _SOURCE = (Path(__file__).with_name("quant.c")).read_text()
 _P, _I, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
@@ -174,7 +150,7 @@ class QuantMatrix:
         self.shape = (int(shape[0]), int(shape[1]))
         n, k = self.shape
         groups, blocks = (n + 7) // 8, k // TYPES[self.ggml_type][1]
-        self._packed = _packed_buffer(groups * blocks * kern.group_bytes(self.ggml_type))
+        self._packed = torch.empty(groups * blocks * kern.group_bytes(self.ggml_type), dtype=torch.uint8)
         kern.pack(self.ggml_type, raw_ptr, n, k, self._packed.data_ptr(), torch.get_num_threads())
         self._ptr = self._packed.data_ptr()
         self.nbytes = self._packed.numel()  # what one product reads
