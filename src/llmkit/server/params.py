@@ -94,14 +94,16 @@ async def build(state, req, prompts: list[list[int]], max_tokens: int | None, k:
     if rf and rf.get("type") == "json_schema" and not (rf.get("json_schema") or {}).get("schema"):
         raise bad_request("response_format json_schema needs json_schema.schema.", param="response_format")
     params = sampling_params(req, limits[0], vocab)
+    for request, m in zip(llm.requests(prompts, params, n=1, logprobs=k, adapter=adapter), limits):
+        request.params = request.params.replace(max_tokens=m)
+        llm.check(request)  # the context first: the error that says most
+    # then the work, before the choices are made (n of each prompt) and any schema is compiled
+    check_work(state.config, prompts, req.n, limits, k)
     requests = llm.requests(prompts, params, n=req.n, logprobs=k, adapter=adapter)
     for i, request in enumerate(requests):
         m = limits[i // req.n]
         if m != request.params.max_tokens:
             request.params = request.params.replace(max_tokens=m)
-        if i % req.n == 0:
-            llm.check(request)  # the context first: the error that says most
-    check_work(state.config, prompts, req.n, limits, k)  # then the work, before compiling any schema
     constrained = tool_schema is not None or (rf and rf.get("type") != "text")
     if constrained:
         processors = await asyncio.to_thread(_processors, llm, rf, tool_schema, len(requests))
