@@ -283,6 +283,17 @@ def test_repetition_penalty_matches_hand_computation():
     torch.testing.assert_close(sampler.process(logits, [0, 1, 1]), torch.log_softmax(hand, -1))
 
 
+def test_a_tiny_repetition_penalty_keeps_probabilities_finite():
+    """A penalty of 1e-45 (a subnormal float) divides positive logits into infinity: two of them
+    once made NaN probabilities, and a token outside a JSON grammar was sampled (a 500)."""
+    logits = torch.tensor([2.0, 3.0, -1.0, 0.5])
+    for temperature in (0.0, 1.0):
+        sampler = Sampler(SamplingParams(temperature=temperature, repetition_penalty=1.4e-45), 4)
+        out = sampler.process(logits, [0, 1, 2])
+        assert not torch.isnan(out).any()
+        assert int(out.argmax()) in (0, 1)
+
+
 def test_repetition_penalty_follows_a_changed_prompt():
     logits = torch.tensor([2.0, 2.0, 0.0])
     sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=4.0), 3)

@@ -369,6 +369,9 @@ class Sampler:
                 value = torch.where(
                     value > 0, value / p.repetition_penalty, value * p.repetition_penalty
                 )
+                # a penalty near 0 would divide into infinity, and two infinite logits make
+                # NaN probabilities: kept at the largest float instead
+                value.clamp_(max=torch.finfo(torch.float32).max)
                 out.index_copy_(-1, seen, value)
         if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and self._counts:
             ids, counts = self._count_tensors(device)

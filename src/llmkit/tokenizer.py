@@ -483,7 +483,9 @@ class Tokenizer:
         `add_special_tokens=True` adds what the tokenizer adds around a sequence (BOS, EOS)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # through encode_batch: it lets go of the interpreter's lock while it works (encode holds
+        # it throughout), so a long text tokenized on a worker thread does not stall the others
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         """`encode` over many texts, in parallel inside `tokenizers`."""

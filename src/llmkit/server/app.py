@@ -42,6 +42,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
     def load() -> None:
         try:
             state.attach(loader())
+            memory.freeze_startup()
             log.info("model %s loaded; ready", config.model_name)
         except BaseException as exc:  # noqa: BLE001 - reported through /ready and the callback
             state.load_error = f"{type(exc).__name__}: {exc}"
@@ -57,10 +58,13 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
         trim = asyncio.create_task(memory.IdleTrim(lambda: state.llm.engine if state.llm is not None else None).run())
         if state.llm is None and loader is not None:
             threading.Thread(target=load, name="llmkit-load", daemon=True).start()
+        elif state.llm is not None:
+            memory.freeze_startup()
         try:
             yield
         finally:
             trim.cancel()
+            memory.thaw()
         await state.drain(config.drain_timeout)
 
     app = FastAPI(title="llmkit", version=_version(), lifespan=lifespan,

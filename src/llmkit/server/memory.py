@@ -14,6 +14,8 @@ remedies, both through the allocator's own controls:
   ``MALLOC_ARENA_MAX``) are left as they are.
 - ``IdleTrim``: ``malloc_trim(0)`` (free pages of every arena back to the system) once the engine
   has gone idle after work, and at most once a minute while it stays busy.
+
+And one for Python's own collector: ``freeze_startup`` once the model is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 import os
 import sys
@@ -122,3 +125,18 @@ class IdleTrim:
             if self.due():
                 await asyncio.to_thread(release_free_memory)
                 self.trims += 1
+
+
+def freeze_startup() -> None:
+    """Take every object alive now (the model, the libraries, the app) out of the garbage
+    collector's view. Its full collections hold the interpreter's lock while they walk every
+    tracked object, which paused all threads, the event loop's included, for a fifth of a second
+    with the libraries a server imports; frozen, they walk only what requests create."""
+    gc.collect()
+    gc.freeze()
+
+
+def thaw() -> None:
+    """Give the collector back what ``freeze_startup`` took from it (the server is stopping: what
+    it held may go now)."""
+    gc.unfreeze()
