@@ -36,7 +36,12 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return _block_bytes(self.k)
+
+
+def _block_bytes(like: torch.Tensor) -> int:
+    """Bytes of one block's keys and values."""
+    return 2 * like.numel() * like.element_size()
 
 
 class _Slab:
@@ -46,7 +51,7 @@ class _Slab:
         self.k = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
         self.v = torch.empty_like(self.k)
         self.free = list(range(count - 1, -1, -1))  # places not in use; the lowest is taken first
-        self.block_bytes = 2 * like.numel() * like.element_size()
+        self.block_bytes = _block_bytes(like)
 
 
 class PrefixCache:
@@ -126,7 +131,7 @@ class PrefixCache:
     def _slab_for(self, like: torch.Tensor) -> _Slab | None:
         """The slab, made at the first insert as large as the bound allows (None: not one block)."""
         if self._slab is None:
-            count = self.budget // (2 * like.numel() * like.element_size())
+            count = self.budget // _block_bytes(like)
             if count < 1:
                 return None
             self._slab = _Slab(like, count)

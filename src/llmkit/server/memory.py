@@ -10,7 +10,8 @@ remedies, both through the allocator's own controls:
 - ``tune_allocator``: a bound on the number of arenas, and the mmap threshold fixed at glibc's
   own ceiling (blocks past it, the largest tensors, are mapped and go back to the system when
   freed). A low threshold returns more memory but maps and faults in every mid-sized tensor of
-  every step anew: the server then ran markedly slower (bench/NOTES.md). Settings the user made through glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``,
+  every step anew: the server then ran markedly slower (bench/NOTES.md). Settings the user made
+  through glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``,
   ``MALLOC_ARENA_MAX``) are left as they are.
 - ``IdleTrim``: ``malloc_trim(0)`` (free pages of every arena back to the system) once the engine
   has gone idle after work, and at most once a minute while it stays busy.
@@ -130,8 +131,8 @@ class IdleTrim:
 def freeze_startup() -> None:
     """Take every object alive now (the model, the libraries, the app) out of the garbage
     collector's view. Its full collections hold the interpreter's lock while they walk every
-    tracked object, which paused all threads, the event loop's included, for a fifth of a second
-    with the libraries a server imports; frozen, they walk only what requests create."""
+    tracked object, pausing all threads, the event loop's included, for as long as the libraries a
+    server imports take to walk; frozen, they walk only what requests create."""
     gc.collect()
     gc.freeze()
 
