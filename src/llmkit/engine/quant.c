@@ -209,7 +209,10 @@ static const Field F_Q5_1[] = {{0, 2, F_SCALAR}, {2, 2, F_SCALAR}, {4, 4, F_SCAL
 static const Field F_Q8_0[] = {{0, 2, F_SCALAR}, {2, 32, F_QUADS}};
 static const Field F_Q4_K[] = {{0, 2, F_SCALAR}, {2, 2, F_SCALAR}, {4, 12, F_KSCALES}, {16, 128, F_QUADS}};
 static const Field F_Q5_K[] = {{0, 2, F_SCALAR}, {2, 2, F_SCALAR}, {4, 12, F_KSCALES}, {16, 32, F_QUADS}, {48, 128, F_QUADS}};
-static const Field F_Q6_K[] = {{208, 2, F_SCALAR}, {192, 16, F_BYTES_T}, {0, 128, F_QUADS}, {128, 64, F_QUADS}};
+/* Q6_K's halves of 128 values each as high bits, then low bits: the order in which the kernel first
+ * reads them, so that a product walks its weights front to back. (Stored as in the file, low bits
+ * of both halves then high bits of both, the product read memory markedly slower.) */
+static const Field F_Q6_K[] = {{208, 2, F_SCALAR}, {192, 16, F_BYTES_T}, {128, 32, F_QUADS}, {0, 64, F_QUADS}, {160, 32, F_QUADS}, {64, 64, F_QUADS}};
 
 static const Field* fields(int t, int* n) {
 #define RET(F) { *n = (int)(sizeof(F) / sizeof(F[0])); return F; }
@@ -505,7 +508,8 @@ static inline __attribute__((always_inline)) void rows_k45(const int t, const ui
 
 /* Q6_K: 16 sub-blocks of 16 with int8 scales per row; values stored as q + 32 (0..63), the 32
  * taken off through the activations' sums per 16. Activation block j (32 values) is half h = j/4,
- * part j%4 of the format's layout. */
+ * part j%4 of the format's layout; a half's high bits (256 bytes) lie just before its low bits
+ * (512), see F_Q6_K. */
 static inline __attribute__((always_inline)) void rows_q6_k(const uint8_t* gb, int64_t nb, const Act* a, int64_t m0,
                                                              const int MR, __m256* res) {
     ROW_PTRS
@@ -528,8 +532,8 @@ static inline __attribute__((always_inline)) void rows_q6_k(const uint8_t* gb, i
                 __m256i p[4];
                 for (int r = 0; r < MR; r++) p[r] = _mm256_setzero_si256();
                 for (int v = v0; v < v0 + 2; v++) {
-                    __m256i l = ld(g + 144 + 512 * h + 32 * (v + 8 * (part & 1)));
-                    __m256i hb = _mm256_srl_epi16(ld(g + 1168 + 256 * h + 32 * v), _mm_cvtsi32_si128(2 * part));
+                    __m256i l = ld(g + 400 + 768 * h + 32 * (v + 8 * (part & 1)));
+                    __m256i hb = _mm256_srl_epi16(ld(g + 144 + 768 * h + 32 * v), _mm_cvtsi32_si128(2 * part));
                     __m256i lo = part >= 2 ? _mm256_srli_epi16(l, 4) : l;
                     __m256i w = _mm256_or_si256(_mm256_and_si256(lo, M4), _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4));
                     for (int r = 0; r < MR; r++)
