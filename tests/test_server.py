@@ -642,7 +642,16 @@ def test_readiness_is_503_while_the_model_loads(tiny):
         while httpx.get(base + "/ready").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # built off the event loop while loading, before anyone asks for it
+        assert app.openapi_schema is not None
         assert httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_the_openapi_document_is_built_at_startup(tiny):
+    app = create_app(tiny, config=ServerConfig(model_name=MODEL))
+    assert app.openapi_schema is None
+    with running_server(app):
+        assert app.openapi_schema is not None and "/v1/chat/completions" in app.openapi_schema["paths"]
 
 
 def test_a_client_that_disconnects_frees_its_slot_at_once(slow):

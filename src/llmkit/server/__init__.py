@@ -7,10 +7,18 @@ flight on SIGTERM or Ctrl-C.
 
 from __future__ import annotations
 
+import sys
+
 from llmkit.server.app import create_app
 from llmkit.server.config import ServerConfig
 
 __all__ = ["ServerConfig", "create_app", "serve", "serving_executor"]
+
+# How long a thread running Python code keeps the interpreter's lock while another waits for it.
+# Requests' CPU work in Python (parsing large bodies, chat templates) runs on worker threads; the
+# event loop needs the lock back several times to answer even /health, and with a few such
+# threads at the interpreter's default (5 ms) each of those waits can stretch to tens of ms.
+SWITCH_INTERVAL_S = 0.001
 
 
 def serving_executor(executor: str, dtype: str | None) -> tuple[str, str | None]:
@@ -69,7 +77,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, quantize: st
                                # uvicorn counts the connection asking too: max_connections + 1 refuses the next
                                limit_concurrency=config.max_connections + 1)
     server = _Server(uv_config)
-    server.run()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        server.run()
+    finally:
+        sys.setswitchinterval(switch)
     if failed:
         raise failed[0]
     return 0

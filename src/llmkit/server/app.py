@@ -41,6 +41,9 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
 
     def load() -> None:
         try:
+            # the OpenAPI document is built at startup: its first build walks every route's
+            # models, long enough to stall the event loop if a client asked for it first
+            app.openapi()
             state.attach(loader())
             memory.freeze_startup()
             log.info("model %s loaded; ready", config.model_name)
@@ -59,6 +62,7 @@ def create_app(llm=None, *, config: ServerConfig | None = None, loader: Callable
         if state.llm is None and loader is not None:
             threading.Thread(target=load, name="llmkit-load", daemon=True).start()
         elif state.llm is not None:
+            app.openapi()
             memory.freeze_startup()
         try:
             yield
