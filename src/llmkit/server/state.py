@@ -22,9 +22,11 @@ from llmkit.server.responses_store import ResponseStore
 
 log = logging.getLogger("llmkit.server")
 
-# Workers that render chat templates, tokenize and parse large bodies. Few: the work is CPU-bound
-# and shares two cores with the engine; what they cannot take at once waits its turn off the loop.
-PREP_WORKERS = 2
+# Workers that render chat templates, tokenize and parse large bodies. One: most of that work holds
+# the interpreter's lock (JSON and pydantic parse a whole body in one go), so a second worker adds
+# no speed, only a second thread the event loop must wait for; what it cannot take at once waits
+# its turn off the loop.
+PREP_WORKERS = 1
 
 
 @dataclass
