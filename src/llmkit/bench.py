@@ -99,6 +99,7 @@ def _llmkit_worker(model: str, threads: int, repeats: int, options: dict[str, An
     decode_one(False)
     decode = statistics.median(decode_one(False) for _ in range(repeats))  # one token per pass, as peers decode
     speculative = statistics.median(decode_one(True) for _ in range(repeats))  # the default: prompt lookup on
+    one_stream_peak = _peak_rss_mb()  # weights, runtime and one sequence's cache, before the streams
 
     def streams(n: int) -> dict[str, float]:
         prompts = [llm.tokenizer.encode(f"Story number {i}: once upon a time") for i in range(n)]
@@ -122,6 +123,7 @@ def _llmkit_worker(model: str, threads: int, repeats: int, options: dict[str, An
         **_llmkit_configuration(llm, options.get("quantize")),
         "version": llmkit.__version__,
         "threads": torch.get_num_threads(), "load_to_first_token_s": load, "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_one_stream_mb": one_stream_peak,
         "prefill_512_tokens_per_s": 512 / prefill, "decode_tokens_per_s": decode,
         "decode_speculative_tokens_per_s": speculative,
         "decode_4_streams_tokens_per_s": med(s4, "tokens_per_s"),
@@ -222,7 +224,7 @@ def _llamacpp_worker(model: str, threads: int, repeats: int) -> dict[str, Any]:
     return {
         "engine": "llama.cpp", "precision": "GGUF blocks as stored", "weights": "stored",
         "version": _version("llama_cpp_python"), "threads": threads,
-        "load_to_first_token_s": load, "peak_rss_mb": _peak_rss_mb(),
+        "load_to_first_token_s": load, "peak_rss_mb": _peak_rss_mb(), "peak_rss_one_stream_mb": _peak_rss_mb(),
         "prefill_512_tokens_per_s": 512 / prefill, "decode_tokens_per_s": decode,
         "decode_4_streams_tokens_per_s": decode, "decode_16_streams_tokens_per_s": decode,
         "ttft_16_streams_s": 15 / 2 * full, "tpot_16_streams_s": full / 128,
@@ -464,6 +466,7 @@ def run_bench(model: str, threads: int, repeats: int, options: dict[str, Any], c
 METRICS = [
     ("load_to_first_token_s", "load to first token (s)", False),
     ("peak_rss_mb", "peak memory (MB)", False),
+    ("peak_rss_one_stream_mb", "peak memory, one stream (MB)", False),
     ("prefill_512_tokens_per_s", "prefill 512 (tok/s)", True),
     ("decode_tokens_per_s", "decode 1 stream (tok/s)", True),
     ("decode_speculative_tokens_per_s", "decode 1 stream, prompt lookup on (tok/s)", True),
