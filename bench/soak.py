@@ -10,7 +10,7 @@ share of them behind a shared system prompt (prefix-cache hits and misses both).
 
 Recorded: every request's route, status, latency and whether it finished; a request past its
 client-side deadline counts as hung. ``/health`` is asked every second, the resident memory of the
-server and its children (VmRSS) and the prefix cache's size (``/metrics``) read every 10 s.
+server and its children (VmRSS) and the sizes of its caches (``/metrics``) read every 10 s.
 
 At the end: wait until the server is idle, check that nothing runs or waits (``/metrics`` gauges)
 and that every engine slot can take a request again (as many concurrent requests as the server's
@@ -18,8 +18,10 @@ batch, all seen running at once), stop the server with SIGINT and write the figu
 
 Targets (exit code 1 when one is missed): no 5xx, no hung request, no transport error, no 4xx to
 these well-formed requests, idle at the end with every slot usable, a clean shutdown, and resident
-memory growth after the first 5 minutes under 5%, net of the prefix cache's own growth (a cache
-bounded by ``--prefix-cache-mb`` whose size ``/metrics`` reports; the raw growth is reported too).
+memory growth after the first 5 minutes under 5%, net of the caches' own growth, both reported by
+``/metrics``: the prefix cache (bounded by ``--prefix-cache-mb``) and the running requests'
+key/value cache (sized to the longest batch met so far, at most every slot's whole context, and
+kept while idle). The raw growth is reported too.
 Growth is measured at idle: the clients pause after the warm-up until the server is idle (a few
 seconds), memory is read, and the load goes on; at the end it is read the same way. What requests
 in flight hold moves resident memory under load by tens of MB from one read to the next, so the
@@ -152,11 +154,13 @@ def monitor(base: str, headers: dict, pid: int, t0: float, stop: threading.Event
     def memory():
         while True:
             try:
-                cache = read_metrics(base, headers).get("llmkit:prefix_cache_bytes", 0.0)
+                gauges = read_metrics(base, headers)
+                cache, kv = gauges.get("llmkit:prefix_cache_bytes", 0.0), gauges.get("llmkit:kv_cache_bytes", 0.0)
             except httpx.HTTPError:
-                cache = float("nan")
+                cache = kv = float("nan")
             out.rss.append({"t": round(time.monotonic() - t0, 1), "rss_mb": round(rss_bytes(pid) / 2**20, 1),
-                            "prefix_cache_mb": round(cache / 2**20, 1), "load": round(os.getloadavg()[0], 2)})
+                            "prefix_cache_mb": round(cache / 2**20, 1), "kv_cache_mb": round(kv / 2**20, 1),
+                            "load": round(os.getloadavg()[0], 2)})
             if stop.wait(RSS_EVERY):
                 return
 
@@ -378,9 +382,10 @@ def idle_memory(base: str, headers: dict, pid: int, t0: float) -> dict:
     for _ in range(5):
         reads.append(rss_bytes(pid) / 2**20)
         time.sleep(1)
-    cache = read_metrics(base, headers).get("llmkit:prefix_cache_bytes", 0.0) / 2**20
+    gauges = read_metrics(base, headers)
     return {"t": round(time.monotonic() - t0, 1), "rss_mb": round(statistics.median(reads), 1),
-            "prefix_cache_mb": round(cache, 1)}
+            "prefix_cache_mb": round(gauges.get("llmkit:prefix_cache_bytes", 0.0) / 2**20, 1),
+            "kv_cache_mb": round(gauges.get("llmkit:kv_cache_bytes", 0.0) / 2**20, 1)}
 
 
 async def slot_check(base: str, key: str, model: str, slots: int) -> dict:
@@ -445,11 +450,13 @@ def window_median(samples: list[dict], key: str, start: float, end: float) -> fl
 
 
 def _growth(warm: dict, end: dict) -> tuple[float, float]:
-    """Growth in percent from ``warm`` to ``end`` ({"rss_mb", "prefix_cache_mb"}): raw, and net of
-    the prefix cache's own growth."""
+    """Growth in percent from ``warm`` to ``end`` ({"rss_mb", "prefix_cache_mb", "kv_cache_mb"}): raw,
+    and net of the caches' own growth (the prefix cache filling to its bound; the running requests'
+    key/value cache, sized to the longest batch met so far and kept while idle)."""
+    def rest(m: dict) -> float:
+        return m["rss_mb"] - m["prefix_cache_mb"] - m.get("kv_cache_mb", 0.0)
     raw = 100 * (end["rss_mb"] - warm["rss_mb"]) / warm["rss_mb"]
-    net = 100 * ((end["rss_mb"] - end["prefix_cache_mb"]) - (warm["rss_mb"] - warm["prefix_cache_mb"])) / (
-        warm["rss_mb"] - warm["prefix_cache_mb"])
+    net = 100 * (rest(end) - rest(warm)) / rest(warm)
     return round(raw, 2), round(net, 2)
 
 
@@ -462,20 +469,21 @@ def memory_figures(samples: list[dict], warm_end: float, load_end: float, idle_w
     for name, t in (("warm", warm_end), ("end", load_end)):
         rss = window_median(samples, "rss_mb", t - span, t)
         cache = window_median(samples, "prefix_cache_mb", t - span, t)
-        if rss is None or cache is None:
+        kv = window_median(samples, "kv_cache_mb", t - span, t)
+        if rss is None or cache is None or kv is None:
             return {"error": "too few memory samples"}
-        loaded[name] = {"rss_mb": rss, "prefix_cache_mb": cache}
+        loaded[name] = {"rss_mb": rss, "prefix_cache_mb": cache, "kv_cache_mb": kv}
     raw, net = _growth(idle_warm, idle_end)
     loaded_raw, loaded_net = _growth(loaded["warm"], loaded["end"])
     after = [s["rss_mb"] for s in samples if s["t"] >= warm_end]
     return {"warmup_ends_s": round(warm_end, 1),
             "idle_after_warmup": idle_warm, "idle_at_end": idle_end,
-            "growth_percent_raw": raw, "growth_percent_net_of_prefix_cache": net,
+            "growth_percent_raw": raw, "growth_percent_net_of_caches": net,
             "under_load": {"rss_mb_at_warmup_end": loaded["warm"]["rss_mb"], "rss_mb_at_end": loaded["end"]["rss_mb"],
                            "rss_mb_max_after_warmup": max(after) if after else None,
                            "prefix_cache_mb_at_warmup_end": loaded["warm"]["prefix_cache_mb"],
                            "prefix_cache_mb_at_end": loaded["end"]["prefix_cache_mb"],
-                           "growth_percent_raw": loaded_raw, "growth_percent_net_of_prefix_cache": loaded_net}}
+                           "growth_percent_raw": loaded_raw, "growth_percent_net_of_caches": loaded_net}}
 
 
 def _gauges(metrics: dict) -> dict:
@@ -517,7 +525,7 @@ def summarize(rows: list[dict], samples: Samples, load_s: float, memory: dict, i
         "idle_at_end": all(g.get(name, 1) == 0 for g in (idle, gauges)
                            for name in ("llmkit:num_requests_running", "llmkit:num_requests_waiting")),
         "every_slot_usable": slots["every_slot_usable"] and slots["answered_200"] == slots["requests"],
-        "memory_growth_under_5_percent": memory.get("growth_percent_net_of_prefix_cache", 1e9) < GROWTH_TARGET_PERCENT,
+        "memory_growth_under_5_percent": memory.get("growth_percent_net_of_caches", 1e9) < GROWTH_TARGET_PERCENT,
         # 130: the CLI's exit code for Ctrl-C (SIGINT), after the drain
         "clean_shutdown": shutdown["exit_code"] in (0, 130) and shutdown["signal"] == "SIGINT",
         "no_server_traceback": tracebacks == 0,
@@ -573,11 +581,12 @@ def human(result: dict) -> str:
     else:
         w, e, u = m["idle_after_warmup"], m["idle_at_end"], m["under_load"]
         lines.append(f"RSS at idle: {w['rss_mb']} MB after the warm-up ({m['warmup_ends_s']:.0f} s), {e['rss_mb']} MB "
-                     f"at the end: {m['growth_percent_raw']:+.2f}% raw, {m['growth_percent_net_of_prefix_cache']:+.2f}% "
-                     f"net of the prefix cache ({w['prefix_cache_mb']} -> {e['prefix_cache_mb']} MB)")
+                     f"at the end: {m['growth_percent_raw']:+.2f}% raw, {m['growth_percent_net_of_caches']:+.2f}% "
+                     f"net of the caches (prefix {w['prefix_cache_mb']} -> {e['prefix_cache_mb']} MB, "
+                     f"key/value {w.get('kv_cache_mb')} -> {e.get('kv_cache_mb')} MB)")
         lines.append(f"RSS under load (minute medians): {u['rss_mb_at_warmup_end']} -> {u['rss_mb_at_end']} MB "
                      f"(max {u['rss_mb_max_after_warmup']}): {u['growth_percent_raw']:+.2f}% raw, "
-                     f"{u['growth_percent_net_of_prefix_cache']:+.2f}% net")
+                     f"{u['growth_percent_net_of_caches']:+.2f}% net")
     e = result["end_state"]
     lines.append(f"end: gauges once idle {e['gauges_once_idle_after_load']}; slot check {e['slot_check']}; shutdown {result['shutdown']}; "
                  f"server tracebacks {result['server_tracebacks']}")

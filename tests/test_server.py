@@ -612,7 +612,7 @@ def test_32_concurrent_streaming_clients_are_interleaved_and_exact(url, oai, tin
     assert metric(url, "llmkit:num_requests_waiting") == 0
 
 
-def test_metrics_are_prometheus_with_vllm_names(url, oai):
+def test_metrics_are_prometheus_with_vllm_names(url, oai, tiny):
     oai.completions.create(model=MODEL, prompt="Paris", max_tokens=4, temperature=0)
     text = httpx.get(url + "/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds_bucket",
@@ -621,6 +621,9 @@ def test_metrics_are_prometheus_with_vllm_names(url, oai):
         assert f"llmkit:{name}" in text, name
     assert metric(url, "llmkit:time_to_first_token_seconds_count") >= 1
     assert metric(url, "llmkit:generation_tokens_total") >= 4
+    # the running requests' key/value cache, kept while idle for the next ones
+    k = tiny.engine.executor.cache.k
+    assert metric(url, "llmkit:kv_cache_bytes") == 2 * k.numel() * k.element_size() > 0
 
 
 def test_readiness_is_503_while_the_model_loads(tiny):

@@ -280,6 +280,13 @@ class TorchExecutor:
         self.slot_adapters: dict[int, str] = {}  # slots whose request runs on a LoRA adapter
 
     @property
+    def cache_bytes(self) -> int:
+        """Memory the key/value cache of the running requests holds: sized to the longest batch
+        met so far (in powers of two) and kept while idle, see fit."""
+        cache = self.cache
+        return 0 if cache is None else 2 * cache.k.numel() * cache.k.element_size()
+
+    @property
     def adapters(self) -> list[str]:
         return list(self.ops.adapters)
 

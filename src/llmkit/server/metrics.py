@@ -87,6 +87,9 @@ class Metrics:
                                 ("prefix_cache_tokens_reused", "tokens_reused", "Prompt tokens taken from the prefix cache."),
                                 ("prefix_cache_bytes", "bytes", "Memory the prefix cache holds.")):
             Gauge(PREFIX + name, doc + " (engine-wide)", registry=r).set_function(cache(attr))
+        Gauge(PREFIX + "kv_cache_bytes", "Memory the running requests' key/value cache holds, sized to the "
+              "longest batch met so far and kept while idle (engine-wide).", registry=r).set_function(
+            lambda: getattr(getattr(engine(), "executor", None), "cache_bytes", 0))
         hit_rate = Gauge(PREFIX + "prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the "
                          "prefix cache (engine-wide).", registry=r)
         hit_rate.set_function(lambda: cache("tokens_reused")() / max(cache("tokens_queried")(), 1))
